@@ -1,0 +1,1 @@
+"""The Kafka bridge: scheduler requests in, deployment events out."""

@@ -1,0 +1,33 @@
+"""Celery settings for dm. Each may be overridden by an environment variable of the same
+name in upper case with a ``CELERY_`` prefix (e.g. ``CELERY_WORKER_PREFETCH_MULTIPLIER``).
+
+dm's own settings may also be set here as ``dm_<field>`` (see ``dm/settings.py``);
+``DM_*`` environment variables win over them.
+"""
+
+import os
+
+# JSON only: the broker must never be a way to run code
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+
+task_default_queue = "dm.control"
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+result_expires = 3600
+broker_connection_retry_on_startup = True
+broker_transport_options = {"visibility_timeout": 3600}
+worker_hijack_root_logger = False
+enable_utc = True
+timezone = "UTC"
+
+for _name, _value in list(globals().items()):
+    _env = os.environ.get("CELERY_" + _name.upper())
+    if _env is not None and not _name.startswith("_"):
+        globals()[_name] = type(_value)(_env) if isinstance(_value, (int, float, str)) else _env

@@ -1,0 +1,3 @@
+from dm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""The Celery app. ``celery -A dm worker -Q dm.control`` runs the control plane."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+
+from dm import constants as c
+from dm.errors import ConfigError
+from dm.settings import Settings
+
+settings = Settings.from_env()
+
+
+class DMTask(Task):  # type: ignore[misc]
+    """Refuses to send to an unconfigured broker with a message that says what to do."""
+
+    def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.app.conf.broker_url:
+            raise ConfigError(
+                "dm has no broker: run `dm up` first (it records its URLs under DM_HOME), "
+                "or set DM_REDIS_URL and DM_MONGO_URL"
+            )
+        return super().apply_async(*args, **kwargs)
+
+
+app = Celery("dm", task_cls=DMTask, include=["dm.tasks", "workers.tasks"])
+try:
+    app.config_from_object("celeryconfig")
+except ImportError:  # installed without the checkout: the same defaults
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_default_queue=c.CONTROL_QUEUE,
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+    )
+app.conf.broker_url = settings.redis_url or None
+app.conf.result_backend = settings.redis_url or None
+app.conf.task_default_queue = c.CONTROL_QUEUE
+app.conf.beat_schedule = {
+    "dm-heartbeat": {
+        "task": "dm.heartbeat",
+        "schedule": settings.heartbeat_interval,
+        "options": {"queue": c.CONTROL_QUEUE, "expires": max(settings.heartbeat_interval * 4, 2.0)},
+    },
+}

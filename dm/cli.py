@@ -1,0 +1,455 @@
+"""The ``dm`` command. Every listing takes ``--json``; errors are one clear line and a named exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dm import balancer, fleet
+from dm.errors import ConfigError, DMError, RegistryUnavailable, UnknownAlgorithm, UnknownDeployment
+from dm.models import FINAL_STATES, RUNNING
+from dm.settings import Settings
+
+#: exit codes
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_FAILED = 4
+EXIT_UNAVAILABLE = 5
+EXIT_TIMEOUT = 6
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _control() -> Any:
+    from dm.control import Control
+
+    return Control(_settings())
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str, sort_keys=True))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from dm import launcher
+
+    settings = _settings().with_(**({"min_nodes": a.nodes} if a.nodes else {}))
+    if settings.embedded and (settings.redis_url or settings.mongo_url):
+        raise ConfigError("set both DM_REDIS_URL and DM_MONGO_URL, or neither (for the embedded stack)")
+    stop = {"now": False}
+
+    def on_signal(_sig: int, _frame: Any) -> None:
+        stop["now"] = True
+
+    launcher.up(
+        settings,
+        flower=not a.no_flower,
+        flower_address=a.flower_address,
+        flower_port=a.flower_port,
+        bridge=not a.no_bridge,
+    )
+    if a.detach:
+        print("detached: `dm down` stops it")
+        return EXIT_OK
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print("running; Ctrl-C stops it")
+    while not stop["now"]:
+        time.sleep(0.2)
+    print("stopping ...")
+    launcher.down(settings.home)
+    print("stopped")
+    return EXIT_OK
+
+
+def cmd_down(a: argparse.Namespace) -> int:
+    from dm import launcher
+
+    home = _settings().home
+    if not launcher.down(home):
+        print(f"nothing to stop under {home}")
+    else:
+        print("stopped")
+    return EXIT_OK
+
+
+def cmd_node(a: argparse.Namespace) -> int:
+    from workers.agent import main
+
+    return main(a.rest)
+
+
+def cmd_algorithms_add(a: argparse.Namespace) -> int:
+    from dm.package import load_spec, pack
+
+    ctl = _control()
+    added = []
+    for directory in _package_dirs(a.dirs):
+        spec = load_spec(directory)
+        archive, sha = pack(directory)
+        doc = ctl.registry.add_algorithm(spec, archive, sha)
+        added.append({"name": doc["name"], "version": doc["version"], "sha256": doc["sha256"], "size": doc["size"]})
+    if a.json:
+        _print_json(added)
+    else:
+        for row in added:
+            print(f"added {row['name']} {row['version']} ({row['size']} bytes, sha256 {row['sha256'][:12]})")
+    return EXIT_OK
+
+
+def _package_dirs(paths: list[str]) -> list[Path]:
+    """Each path is a package, or a folder of packages (like examples/algorithms)."""
+    dirs: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir() and not (path / "algorithm.toml").exists():
+            found = sorted(p.parent for p in path.glob("*/algorithm.toml"))
+            if found:
+                dirs.extend(found)
+                continue
+        dirs.append(path)
+    return dirs
+
+
+def cmd_algorithms_list(a: argparse.Namespace) -> int:
+    rows = []
+    for doc in _control().registry.list_algorithms():
+        spec = doc["spec"]
+        rows.append(
+            {
+                "name": doc["name"],
+                "version": doc["version"],
+                "cpu": spec["demand"]["cpu"],
+                "memory": spec["demand"]["memory"],
+                "restart": spec["restart"]["policy"],
+                "sha256": doc["sha256"],
+                "description": spec.get("description", ""),
+            }
+        )
+    if a.json:
+        _print_json(rows)
+    else:
+        _table(rows, ["name", "version", "cpu", "memory", "restart", "description"])
+    return EXIT_OK
+
+
+def _parse_args(pairs: list[str]) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise DMError(f"--arg takes key=value, got {pair!r}")
+        try:
+            args[key] = json.loads(raw)
+        except ValueError:
+            args[key] = raw
+    return args
+
+
+def cmd_deploy(a: argparse.Namespace) -> int:
+    from dm.tasks import deploy
+
+    args = _parse_args(a.arg or [])
+    if a.args_json:
+        args.update(json.loads(a.args_json))
+    result = deploy.delay(a.name, args=args, request_id=a.request_id, version=a.version)
+    try:
+        dep = result.get(timeout=a.timeout, propagate=True)
+    finally:
+        result.forget()
+    if not a.wait:
+        _show_deployment(dep, a.json)
+        return EXIT_OK
+    return _wait(dep["id"], a.until, a.timeout, a.json)
+
+
+def _wait(dep_id: str, until: str, timeout: float, as_json: bool) -> int:
+    ctl = _control()
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        doc = ctl.registry.get_deployment(dep_id)
+        seen = (doc["state"], doc.get("node"), doc["generation"])
+        if seen != last and not as_json:
+            node = f" on node-{doc['node']}" if doc.get("node") else ""
+            print(f"{dep_id}: {doc['state']}{node} ({doc.get('reason') or ''})", flush=True)
+            last = seen
+        if doc["state"] in FINAL_STATES or (until == "running" and doc["state"] == RUNNING):
+            break
+        if time.monotonic() > deadline:
+            print(f"still {doc['state']} after {timeout:g}s", file=sys.stderr)
+            return EXIT_TIMEOUT
+        time.sleep(0.1)
+    if as_json:
+        from dm.deployer import public
+
+        _print_json(public(doc))
+    return EXIT_FAILED if doc["state"] == "failed" else EXIT_OK
+
+
+def _show_deployment(dep: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(dep)
+    else:
+        node = f" on node-{dep['node']}" if dep.get("node") else ""
+        print(f"{dep['id']}: {dep['state']}{node} ({dep.get('reason') or ''})")
+
+
+def cmd_stop(a: argparse.Namespace) -> int:
+    from dm import deployer
+
+    ctl = _control()
+    for dep_id in a.ids:
+        _show_deployment(deployer.public(deployer.stop(ctl, dep_id)), a.json)
+    return EXIT_OK
+
+
+def node_rows(ctl: Any) -> list[dict[str, Any]]:
+    s = ctl.settings
+    hashes = fleet.node_hashes(ctl.redis)
+    views = {v.id: v for v in fleet.snapshot(ctl.redis, s.reservation_settle)}
+    leases = fleet.leases(ctl.redis, hashes)
+    rows = []
+    for doc in ctl.registry.list_nodes():
+        node_id = doc["_id"]
+        h = hashes.get(node_id, {})
+        view = views.get(node_id)
+        cpu, ram = float(h.get("cpu", 0.0)), float(h.get("ram", 0.0))
+        state = h.get("state") or doc.get("state")
+        if state in ("up", "starting") and not leases.get(node_id) and "ts" in h:
+            state = "dead"  # the lease says so before the next heartbeat check does
+        rows.append(
+            {
+                "id": node_id,
+                "name": f"node-{node_id}",
+                "host": doc.get("host"),
+                "address": doc.get("address"),
+                "state": state,
+                "cpus": doc.get("cpus"),
+                "memory": doc.get("memory"),
+                "cpu": round(cpu, 1),
+                "ram": round(ram, 1),
+                "load": round(balancer.load(cpu, ram), 1),
+                "deployments": view.deployments if view else 0,
+                "committed_cpu": round(view.committed_cpu, 2) if view else 0.0,
+                "pid": doc.get("pid"),
+            }
+        )
+    return rows
+
+
+def cmd_nodes(a: argparse.Namespace) -> int:
+    rows = node_rows(_control())
+    if not a.all:
+        rows = [r for r in rows if r["state"] not in ("stopped",)]
+    if a.json:
+        _print_json(rows)
+    else:
+        _table(rows, ["name", "host", "state", "cpus", "memory", "cpu", "ram", "load", "deployments"])
+    return EXIT_OK
+
+
+def cmd_deployments(a: argparse.Namespace) -> int:
+    from dm.deployer import public
+
+    states = a.state.split(",") if a.state else None
+    rows = [public(d) for d in _control().registry.list_deployments(states, node=a.node, limit=a.limit)]
+    if a.json:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "algorithm", "version", "state", "node", "generation", "restarts", "reason"])
+    return EXIT_OK
+
+
+def _event_row(e: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "time": time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{int(e['time'] * 1000) % 1000:03d}",
+        "deployment": e["deployment_id"],
+        "algorithm": e.get("algorithm"),
+        "state": e["state"],
+        "node": e.get("node"),
+        "generation": e["generation"],
+        "reason": e.get("reason"),
+    }
+
+
+def cmd_events(a: argparse.Namespace) -> int:
+    ctl = _control()
+    events = ctl.registry.list_events(a.deployment, limit=a.limit)
+    last_id = events[-1]["_id"] if events else None
+    for e in events:
+        _print_event(e, a.json)
+    while a.follow:
+        time.sleep(0.3)
+        query: dict[str, Any] = {"_id": {"$gt": last_id}} if last_id else {}
+        if a.deployment:
+            query["deployment_id"] = a.deployment
+        for e in ctl.registry.events.find(query).sort("_id", 1):
+            _print_event(e, a.json)
+            last_id = e["_id"]
+    return EXIT_OK
+
+
+def _print_event(e: dict[str, Any], as_json: bool) -> None:
+    row = _event_row(e)
+    if as_json:
+        print(json.dumps({**row, "time": e["time"]}), flush=True)
+    else:
+        node = f" node-{row['node']}" if row["node"] else ""
+        print(f"{row['time']} {row['deployment']} {row['algorithm']} {row['state']}{node} "
+              f"gen {row['generation']}: {row['reason']}", flush=True)  # fmt: skip
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    ctl = _control()
+    nodes = [n for n in node_rows(ctl) if n["state"] != "stopped"]
+    counts = ctl.registry.count_by_state()
+    events = [_event_row(e) for e in ctl.registry.list_events(limit=a.events)]
+    if a.json:
+        _print_json({"nodes": nodes, "deployments": counts, "events": events})
+        return EXIT_OK
+    print("NODES")
+    _table(nodes, ["name", "host", "state", "cpu", "ram", "load", "deployments"])
+    print("\nDEPLOYMENTS  " + ("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "(none)"))
+    print("\nLAST EVENTS")
+    for row in events:
+        node = f" node-{row['node']}" if row["node"] else ""
+        print(f"  {row['time']} {row['deployment']} {row['state']}{node}: {row['reason']}")
+    return EXIT_OK
+
+
+def cmd_logs(a: argparse.Namespace) -> int:
+    doc = _control().registry.get_deployment(a.id)
+    path = doc.get("log")
+    if not path:
+        raise DMError(f"deployment {a.id} has no log yet (state {doc['state']}); try again when it runs")
+    log_path = Path(path)
+    if not log_path.exists():
+        raise DMError(f"the log of {a.id} is on node-{doc.get('node')}'s host at {path}, not here")
+    with open(log_path, "rb") as f:
+        sys.stdout.write(f.read().decode(errors="replace"))
+        sys.stdout.flush()
+        while a.follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+    return EXIT_OK
+
+
+# -- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dm", description="dm: deploy algorithms onto the least-loaded node.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, json_: bool = False) -> Any:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        if json_:
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    sp = add("up", cmd_up, "start the whole local system (embedded servers when no DM_*_URL is set)")
+    sp.add_argument("--detach", action="store_true", help="return once it is ready; `dm down` stops it")
+    sp.add_argument("--nodes", type=int, help="nodes to start (default: min_nodes)")
+    sp.add_argument("--flower-address", default="127.0.0.1")
+    sp.add_argument("--flower-port", type=int, default=5555)
+    sp.add_argument("--no-flower", action="store_true")
+    sp.add_argument("--no-bridge", action="store_true", help="do not start the Kafka bridge")
+    add("down", cmd_down, "stop what `dm up` started")
+    sp = add("node", cmd_node, "run one node agent (see `dm node -- --help`)")
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sp = sub.add_parser("algorithms", help="add or list algorithms in the repository")
+    asub = sp.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    x = asub.add_parser("add", help="validate, pack and store algorithm directories")
+    x.add_argument("dirs", nargs="+", metavar="DIR")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_algorithms_add)
+    x = asub.add_parser("list", help="list stored algorithms")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_algorithms_list)
+
+    sp = add("deploy", cmd_deploy, "deploy an algorithm", json_=True)
+    sp.add_argument("name")
+    sp.add_argument("--arg", action="append", metavar="KEY=VALUE", help="an arg (value parsed as JSON if it can be)")
+    sp.add_argument("--args-json", metavar="JSON", help="args as one JSON object")
+    sp.add_argument("--version")
+    sp.add_argument("--request-id")
+    sp.add_argument("--wait", action="store_true", help="wait and show progress until it ends")
+    sp.add_argument("--until", choices=["final", "running"], default="final", help="with --wait: what to wait for")
+    sp.add_argument("--timeout", type=float, default=60.0)
+    sp = add("stop", cmd_stop, "stop deployments", json_=True)
+    sp.add_argument("ids", nargs="+", metavar="ID")
+    sp = add("status", cmd_status, "nodes, deployments by state and the last events", json_=True)
+    sp.add_argument("--events", type=int, default=10)
+    sp = add("nodes", cmd_nodes, "list nodes", json_=True)
+    sp.add_argument("--all", action="store_true", help="include stopped nodes")
+    sp = add("deployments", cmd_deployments, "list deployments", json_=True)
+    sp.add_argument("--state", help="comma-separated states")
+    sp.add_argument("--node")
+    sp.add_argument("--limit", type=int, default=0)
+    sp = add("events", cmd_events, "deployment events", json_=True)
+    sp.add_argument("deployment", nargs="?")
+    sp.add_argument("--follow", "-f", action="store_true")
+    sp.add_argument("--limit", type=int, default=50)
+    sp = add("logs", cmd_logs, "an algorithm's output")
+    sp.add_argument("id")
+    sp.add_argument("--follow", "-f", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UnknownAlgorithm, UnknownDeployment) as exc:
+        print(f"dm: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except RegistryUnavailable as exc:
+        print(f"dm: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except DMError as exc:
+        print(f"dm: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+    except Exception as exc:
+        from dm.errors import DMError as _D  # noqa: F401
+
+        name = type(exc).__name__
+        if name in ("TimeoutError",):
+            print(f"dm: timed out: {exc}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        if name in ("OperationalError", "ConnectionError", "ServerSelectionTimeoutError"):
+            print(f"dm: cannot reach the servers ({exc}); is `dm up` running?", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        raise

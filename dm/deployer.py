@@ -1,0 +1,162 @@
+"""The deploy path: record a request, place it on a node, send it to the node's queue.
+
+``place`` holds the placement lock only around decide + reserve + the registry
+write, so concurrent deployers (threads or control workers) never overcommit a node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from dm import balancer, fleet, node_manager
+from dm import constants as c
+from dm.app import app
+from dm.control import Control
+from dm.models import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    LOST,
+    PENDING,
+    SCHEDULED,
+    STOPPED,
+    STOPPING,
+    AlgorithmSpec,
+    Demand,
+    DeployRequest,
+)
+from dm.package import validate_args
+from dm.registry import Doc
+
+log = logging.getLogger(__name__)
+
+#: fields of a deployment shown to users and returned by ``deploy``
+PUBLIC_FIELDS = (
+    "request_id", "algorithm", "version", "args", "state", "node", "generation",
+    "pid", "restarts", "exit_code", "reason", "created_at", "updated_at",
+)  # fmt: skip
+
+
+def public(doc: Doc) -> dict[str, Any]:
+    """A deployment as JSON for users: ``id`` plus the public fields."""
+    return {"id": doc["_id"], **{k: doc.get(k) for k in PUBLIC_FIELDS}}
+
+
+def submit(ctl: Control, request: DeployRequest) -> tuple[Doc, bool]:
+    """Validate and record a ``pending`` deployment; returns (deployment, created)."""
+    if request.request_id:
+        existing = ctl.registry.deployments.find_one({"request_id": request.request_id})
+        if existing is not None:
+            return existing, False
+    algorithm = ctl.registry.get_algorithm(request.algorithm, request.version)
+    validate_args(AlgorithmSpec.from_dict(algorithm["spec"]), request.args)
+    return ctl.registry.create_deployment(request, algorithm)
+
+
+def transition(ctl: Control, dep_id: str, state: str, **kwargs: Any) -> Doc | None:
+    """A registry compare-and-set that also frees the node's allocation on leaving it."""
+    doc = ctl.registry.transition(dep_id, state, **kwargs)
+    if doc is not None and state not in ACTIVE_STATES:
+        old_node = kwargs.get("node", doc.get("node"))
+        if old_node:
+            fleet.release(ctl.redis, old_node, dep_id)
+    return doc
+
+
+def place(ctl: Control, dep_id: str) -> Doc:
+    """Place a ``pending`` or ``lost`` deployment and dispatch it; a no-op for any other state."""
+    doc = ctl.registry.get_deployment(dep_id)
+    if doc["state"] not in (PENDING, LOST):
+        return doc
+    settings = ctl.settings
+    demand = Demand.from_dict(doc["demand"])
+    with ctl.redis.lock(c.PLACEMENT_LOCK, timeout=30, blocking_timeout=60):
+        nodes = fleet.snapshot(ctl.redis, settings.reservation_settle)
+        chosen = balancer.choose(nodes, demand, settings.threshold, settings.policy)
+        if chosen is not None:
+            node_id = chosen.id
+            reason = f"placed on node-{node_id} (load {balancer.score(chosen):.1f})"
+        else:
+            added = node_manager.add_node(ctl, nodes)
+            if added is None:
+                return _wait_pending(ctl, doc, nodes)
+            node_id = added
+            reason = f"placed on new node-{node_id}: no node had room under {settings.threshold:g}%"
+        placed = ctl.registry.transition(
+            dep_id,
+            SCHEDULED,
+            expect=(PENDING, LOST),
+            generation=doc["generation"],
+            new_generation=True,
+            reason=reason,
+            node=node_id,
+            pid=None,
+            scheduled_at=time.time(),
+        )
+        if placed is None:  # another deployer placed or stopped it first
+            return ctl.registry.get_deployment(dep_id)
+        fleet.allocate(ctl.redis, node_id, dep_id, demand)
+    dispatch(placed)
+    return placed
+
+
+def _wait_pending(ctl: Control, doc: Doc, nodes: list[balancer.NodeView]) -> Doc:
+    reason = (
+        f"waiting for room: {len(nodes)} node(s), none under {ctl.settings.threshold:g}% "
+        f"with this demand, and max_nodes={ctl.settings.max_nodes} reached"
+    )
+    if doc["state"] == PENDING and doc.get("reason") == reason:
+        return doc
+    updated = ctl.registry.transition(
+        doc["_id"], PENDING, expect=(PENDING, LOST), generation=doc["generation"], reason=reason
+    )
+    return updated or ctl.registry.get_deployment(doc["_id"])
+
+
+def run_payload(doc: Doc) -> dict[str, Any]:
+    """What a node needs to run a deployment (JSON)."""
+    return {
+        "id": doc["_id"],
+        "generation": doc["generation"],
+        "algorithm": doc["algorithm"],
+        "version": doc["version"],
+        "sha256": doc["sha256"],
+        "command": doc["command"],
+        "env": doc.get("env") or {},
+        "args": doc.get("args") or {},
+        "restart": doc["restart"],
+        "restarts": doc.get("restarts", 0),
+    }
+
+
+def dispatch(doc: Doc) -> None:
+    app.send_task("dm.run", args=[run_payload(doc)], queue=c.NODE_QUEUE_PREFIX + doc["node"])
+
+
+def place_pending(ctl: Control, limit: int = 100) -> int:
+    """Try again to place deployments that wait for room; returns how many were placed."""
+    placed = 0
+    for doc in ctl.registry.list_deployments([PENDING, LOST], limit=limit):
+        if place(ctl, doc["_id"])["state"] == SCHEDULED:
+            placed += 1
+        else:
+            break  # no room for this one: later ones would mostly not fit either
+    return placed
+
+
+def stop(ctl: Control, dep_id: str, reason: str = "stopped by request") -> Doc:
+    """Stop a deployment: at once when it holds no node, else through its node."""
+    doc = ctl.registry.get_deployment(dep_id)
+    if doc["state"] in FINAL_STATES or doc["state"] == STOPPING:
+        return doc
+    if doc["state"] in (PENDING, LOST):
+        done = transition(ctl, doc["_id"], STOPPED, expect=(PENDING, LOST), reason=reason)
+        return done or stop(ctl, dep_id, reason)
+    stopping = ctl.registry.transition(
+        doc["_id"], STOPPING, expect=ACTIVE_STATES, generation=doc["generation"], reason=reason
+    )
+    if stopping is None:
+        return stop(ctl, dep_id, reason)  # it moved on meanwhile: look again
+    app.send_task("dm.kill", args=[doc["_id"], doc["generation"], reason], queue=c.NODE_QUEUE_PREFIX + doc["node"])
+    return stopping

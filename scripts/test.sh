@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up a virtualenv with everything the tests need, then runs lint, types and the whole test suite.
+# The tests start their own Redis, MongoDB-compatible and Kafka-compatible servers on free ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${DM_VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+echo "== ruff"
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+echo "== mypy"
+"$VENV/bin/mypy"
+echo "== pytest"
+"$VENV/bin/pytest" "$@"

@@ -1,0 +1,3 @@
+from workers.agent import main
+
+raise SystemExit(main())

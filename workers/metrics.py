@@ -1,0 +1,116 @@
+"""A node's usage in percent of its capacity, and the thread that publishes it with the lease.
+
+A local node (one of several on a machine) measures its own process tree (agent and
+algorithms) against its declared capacity; a node that owns its host measures the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import psutil
+import redis
+
+from dm import fleet
+from dm.models import MetricsSample
+
+log = logging.getLogger(__name__)
+
+
+class TreeSampler:
+    """cpu and ram of this process and its descendants, in percent of a declared capacity."""
+
+    def __init__(self, cpus: float, memory_mib: float) -> None:
+        self.cpus = cpus
+        self.memory = memory_mib
+        self.root = psutil.Process(os.getpid())
+        self._procs: dict[int, psutil.Process] = {}
+
+    def sample(self) -> tuple[float, float]:
+        try:
+            current = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            current = [self.root]
+        cpu = rss = 0.0
+        seen: dict[int, psutil.Process] = {}
+        for proc in current:
+            # keep the Process objects: cpu_percent measures since the previous call on the same object
+            proc = self._procs.get(proc.pid, proc)
+            try:
+                cpu += proc.cpu_percent(None)
+                rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
+            seen[proc.pid] = proc
+        self._procs = seen
+        return cpu / self.cpus, rss / (1024 * 1024) / self.memory * 100.0
+
+
+class HostSampler:
+    """Host-wide figures, for a node that owns its host."""
+
+    def __init__(self) -> None:
+        psutil.cpu_percent(None)
+
+    def sample(self) -> tuple[float, float]:
+        return psutil.cpu_percent(None), psutil.virtual_memory().percent
+
+
+class Publisher(threading.Thread):
+    """Publishes a sample and renews the lease every ``interval``; calls ``on_fence`` when the
+    lease could not be renewed for a whole TTL (the node must assume it has been replaced)."""
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        node_id: str,
+        sampler: TreeSampler | HostSampler,
+        *,
+        interval: float,
+        lease_ttl: float,
+        on_fence: Callable[[str], None],
+        on_renew: Callable[[float], None] | None = None,
+    ) -> None:
+        super().__init__(name=f"dm-metrics-{node_id}", daemon=True)
+        self.r = r
+        self.node_id = node_id
+        self.sampler = sampler
+        self.interval = interval
+        self.lease_ttl = lease_ttl
+        self.on_fence = on_fence
+        self.on_renew = on_renew
+        self.token = uuid.uuid4().hex
+        self.last_renewed = time.monotonic()
+        self.fenced = False
+        self.stopping = threading.Event()
+
+    def publish_once(self) -> None:
+        cpu, ram = self.sampler.sample()
+        fleet.publish(self.r, MetricsSample(self.node_id, cpu, ram), self.lease_ttl, self.token)
+        self.last_renewed = time.monotonic()
+        if self.on_renew is not None:
+            self.on_renew(self.lease_ttl)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                self.publish_once()
+                if self.fenced:
+                    log.warning("node-%s reaches Redis again", self.node_id)
+                    self.fenced = False
+            except (redis.RedisError, OSError) as exc:
+                silent = time.monotonic() - self.last_renewed
+                log.warning("node-%s cannot renew its lease (%.1fs): %s", self.node_id, silent, exc)
+                if silent >= self.lease_ttl and not self.fenced:
+                    self.fenced = True
+                    self.on_fence(f"lease not renewed for {silent:.1f}s")
+            self.stopping.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def stop(self) -> None:
+        self.stopping.set()

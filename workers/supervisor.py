@@ -1,0 +1,322 @@
+"""The supervisor: one long-lived thread owns every algorithm process of a node.
+
+Task threads fetch packages and hand ``start``/``kill`` orders over a queue; only
+this thread spawns children, so ``PR_SET_PDEATHSIG`` (which fires when the
+spawning *thread* exits) ties them to the agent's life. Each exit is noticed at
+once and handled by the deployment's restart policy; every report to the registry
+is a compare-and-set on the deployment's generation, and a refused report kills
+the process it speaks for (the fence against running one deployment twice).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dm import deployer
+from dm.control import Control
+from dm.models import FAILED, RESTARTING, RUNNING, SCHEDULED, STOPPED, STOPPING, SUCCEEDED, RestartPolicy
+from dm.package import unpack
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+#: seconds between SIGTERM and SIGKILL when stopping an algorithm
+KILL_GRACE = 5.0
+#: seconds between checks that each process still belongs to the current generation
+FENCE_CHECK_INTERVAL = 2.0
+
+_libc: Any = None
+
+
+def _die_with_parent() -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Proc:
+    payload: dict[str, Any]
+    package: Path
+    popen: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    #: why it is being killed: "stop" (by request), "fence" (no longer ours), "shutdown"
+    killing: str | None = None
+    kill_deadline: float = 0.0
+    restart_at: float | None = None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def dep_id(self) -> str:
+        return str(self.payload["id"])
+
+    @property
+    def generation(self) -> int:
+        return int(self.payload["generation"])
+
+
+class Supervisor(threading.Thread):
+    def __init__(self, ctl: Control, node_id: str) -> None:
+        super().__init__(name=f"dm-supervisor-{node_id}", daemon=True)
+        self.ctl = ctl
+        self.node_id = node_id
+        self.home = ctl.settings.home
+        self.cache = self.home / "cache"
+        self.logs = self.home / "logs"
+        self.work = self.home / "work"
+        for path in (self.cache, self.logs, self.work):
+            path.mkdir(parents=True, exist_ok=True)
+        self.orders: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.procs: dict[str, Proc] = {}
+        self.stopped = threading.Event()
+        self._next_fence_check = 0.0
+
+    # -- called from other threads ------------------------------------------------
+
+    def ensure_package(self, sha256: str) -> Path:
+        """The unpacked package in the local cache, fetched from the registry once."""
+        dest = self.cache / sha256
+        if dest.is_dir():
+            return dest
+        return unpack(self.ctl.registry.fetch_archive(sha256), dest, sha256)
+
+    def start_deployment(self, payload: dict[str, Any], package: Path) -> None:
+        self.orders.put(("start", (payload, package)))
+
+    def kill_deployment(self, dep_id: str, generation: int, reason: str) -> None:
+        self.orders.put(("kill", (dep_id, generation, reason)))
+
+    def fence_all(self, reason: str) -> None:
+        """Kill every algorithm: this node can no longer prove it still owns them."""
+        self.orders.put(("fence_all", reason))
+
+    def shutdown(self, timeout: float = KILL_GRACE + 2) -> list[dict[str, Any]]:
+        """Stop every algorithm and the thread; returns the payloads that were running."""
+        done: queue.Queue[list[dict[str, Any]]] = queue.Queue()
+        self.orders.put(("shutdown", done))
+        try:
+            return done.get(timeout=timeout)
+        except queue.Empty:
+            return []
+
+    def running(self) -> dict[str, int]:
+        return {p.dep_id: p.generation for p in list(self.procs.values()) if p.popen is not None}
+
+    # -- the supervisor thread ----------------------------------------------------
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                kind, arg = self.orders.get(timeout=0.05)
+                self._order(kind, arg)
+            except queue.Empty:
+                pass
+            except Exception:
+                log.exception("supervisor order failed")
+            try:
+                self._tick()
+            except Exception:
+                log.exception("supervisor check failed")
+
+    def _order(self, kind: str, arg: Any) -> None:
+        if kind == "start":
+            payload, package = arg
+            self._start(Proc(payload, package, restarts=int(payload.get("restarts", 0))))
+        elif kind == "kill":
+            dep_id, generation, reason = arg
+            proc = self.procs.get(dep_id)
+            if proc is not None and proc.generation == generation:
+                self._kill(proc, "stop")
+            elif proc is None:  # not here (already exited): just record it
+                deployer.transition(self.ctl, dep_id, STOPPED, expect=[STOPPING], generation=generation, reason=reason)
+        elif kind == "fence_all":
+            log.warning("node-%s fences itself: %s", self.node_id, arg)
+            for proc in list(self.procs.values()):
+                self._kill(proc, "fence", grace=0.0)
+        elif kind == "shutdown":
+            payloads = [p.payload for p in self.procs.values() if p.killing is None]
+            for proc in list(self.procs.values()):
+                self._kill(proc, "shutdown")
+            deadline = time.monotonic() + KILL_GRACE + 1
+            while self.procs and time.monotonic() < deadline:
+                self._tick()
+                time.sleep(0.02)
+            self.stopped.set()
+            arg.put(payloads)
+
+    def _start(self, proc: Proc) -> None:
+        """Spawn (from this thread only) and report ``running``, or kill if the report is refused."""
+        p = proc.payload
+        expect = [RESTARTING] if proc.restart_at is not None else [SCHEDULED]
+        current = self.ctl.registry.deployments.find_one({"_id": proc.dep_id}, {"generation": 1, "state": 1})
+        if current is None or current["generation"] != proc.generation or current["state"] not in expect:
+            log.info("not starting %s gen %s: the registry has moved on", proc.dep_id, proc.generation)
+            if self.procs.get(proc.dep_id) is proc:
+                del self.procs[proc.dep_id]
+            return
+        log_path = self.logs / f"{proc.dep_id}.log"
+        workdir = self.work / proc.dep_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("DM_", "CELERY_"))},
+            **{str(k): str(v) for k, v in (p.get("env") or {}).items()},
+            "DM_ARGS": json.dumps(p.get("args") or {}),
+            "DM_DEPLOYMENT_ID": proc.dep_id,
+            "DM_GENERATION": str(proc.generation),
+            "DM_NODE_ID": self.node_id,
+            "DM_PACKAGE_DIR": str(proc.package),
+            "PYTHONUNBUFFERED": "1",
+        }
+        with open(log_path, "ab") as out:
+            header = f"--- dm: gen {proc.generation} restart {proc.restarts} on node-{self.node_id} at {time.ctime()}\n"
+            out.write(header.encode())
+            out.flush()
+            proc.popen = subprocess.Popen(
+                command_line(p["command"], proc.package),
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        proc.started = time.time()
+        proc.restart_at = None
+        self.procs[proc.dep_id] = proc
+        reported = deployer.transition(
+            self.ctl,
+            proc.dep_id,
+            RUNNING,
+            expect=expect,
+            generation=proc.generation,
+            reason=f"started on node-{self.node_id}" + (f" (restart {proc.restarts})" if proc.restarts else ""),
+            pid=proc.popen.pid,
+            restarts=proc.restarts,
+            log=str(log_path),
+        )
+        if reported is None:
+            log.warning("report for %s gen %s refused: killing pid %s", proc.dep_id, proc.generation, proc.popen.pid)
+            self._kill(proc, "fence", grace=0.0)
+
+    def _kill(self, proc: Proc, why: str, grace: float = KILL_GRACE) -> None:
+        if proc.popen is None or proc.popen.poll() is not None:
+            proc.killing = why
+            proc.restart_at = None
+            self._exited(proc)
+            return
+        if proc.killing is None:
+            proc.killing = why
+            proc.kill_deadline = time.monotonic() + grace
+            _signal_group(proc.popen.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for proc in list(self.procs.values()):
+            if proc.popen is None:
+                if proc.restart_at is not None and now >= proc.restart_at:
+                    self._start(proc)
+                continue
+            if proc.popen.poll() is not None:
+                self._exited(proc)
+            elif proc.killing is not None and now >= proc.kill_deadline:
+                _signal_group(proc.popen.pid, signal.SIGKILL)
+                proc.kill_deadline = now + 1.0
+        if now >= self._next_fence_check:
+            self._next_fence_check = now + FENCE_CHECK_INTERVAL
+            self._check_ownership()
+
+    def _exited(self, proc: Proc) -> None:
+        code = proc.popen.returncode if proc.popen is not None else None
+        if proc.popen is not None:
+            _signal_group(proc.popen.pid, signal.SIGKILL)  # leftovers of its process group
+        proc.popen = None
+        del self.procs[proc.dep_id]
+        gen, dep_id = proc.generation, proc.dep_id
+        if proc.killing == "stop":
+            deployer.transition(
+                self.ctl, dep_id, STOPPED, expect=[STOPPING], generation=gen, reason="stopped", exit_code=code
+            )
+            return
+        if proc.killing is not None:  # fenced or shutting down: the registry is told elsewhere
+            return
+        policy = RestartPolicy.from_dict(proc.payload["restart"])
+        code = -1 if code is None else code
+        what = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        if policy.should_restart(code, proc.restarts):
+            delay = policy.delay(proc.restarts)
+            proc.restarts += 1
+            moved = deployer.transition(
+                self.ctl,
+                dep_id,
+                RESTARTING,
+                expect=[RUNNING],
+                generation=gen,
+                reason=f"{what}, restart {proc.restarts}/{policy.max_restarts} in {delay:g}s",
+                exit_code=code,
+                restarts=proc.restarts,
+                pid=None,
+            )
+            if moved is not None:
+                proc.restart_at = time.monotonic() + delay
+                self.procs[dep_id] = proc
+            return
+        final = SUCCEEDED if code == 0 else FAILED
+        reason = what
+        if final == FAILED and policy.policy != "never" and proc.restarts >= policy.max_restarts:
+            reason += f", gave up after {proc.restarts} restarts"
+        deployer.transition(
+            self.ctl, dep_id, final, expect=[RUNNING], generation=gen, reason=reason, exit_code=code, pid=None
+        )
+
+    def _check_ownership(self) -> None:
+        """Kill processes whose deployment has moved to another generation or node."""
+        ours = {p.dep_id: p for p in self.procs.values() if p.killing is None}
+        if not ours:
+            return
+        try:
+            docs = self.ctl.registry.deployments.find(
+                {"_id": {"$in": list(ours)}}, {"generation": 1, "node": 1, "state": 1}
+            )
+            current = {d["_id"]: d for d in docs}
+        except Exception as exc:  # registry away: the lease, not the registry, decides fencing
+            log.warning("ownership check skipped: %s", exc)
+            return
+        for dep_id, proc in ours.items():
+            doc = current.get(dep_id)
+            if doc is None or doc["generation"] != proc.generation or doc.get("node") != self.node_id:
+                log.warning("deployment %s gen %s is no longer ours: killing it", dep_id, proc.generation)
+                self._kill(proc, "fence", grace=0.0)
+
+
+def command_line(command: list[str], package: Path) -> list[str]:
+    """The command with ``python`` as this interpreter and package files as absolute paths."""
+    out = []
+    for i, part in enumerate(command):
+        if i == 0 and part in ("python", "python3"):
+            out.append(sys.executable)
+        elif not os.path.isabs(part) and (package / part).exists():
+            out.append(str(package / part))
+        else:
+            out.append(part)
+    return out
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
