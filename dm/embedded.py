@@ -1,10 +1,9 @@
 """The embedded stack: Redis, SecantusDB (MongoDB) and Tansu (Kafka) under one home.
 
-`dm up` with no server URL set, and the test fixtures, start the stack here. Each
-server gets a free loopback port, runs in its own session with its output in
-``<home>/logs/<name>.log``, counts as ready only once a real client gets an answer,
-and is stopped by its PID (SIGTERM, then SIGKILL). `write_state` records the URLs and
-PIDs so that another process (`dm down`) can stop a detached stack.
+`dm up` (when no server URL is set) and the test fixtures start it. Each server gets a
+free loopback port, runs in its own session with its output in ``<home>/logs/<name>.log``,
+is ready once a real client gets an answer, and is stopped by its PID (SIGTERM, then
+SIGKILL). `write_state` keeps URLs and PIDs so another process (`dm down`) can stop it.
 """
 
 from __future__ import annotations
@@ -16,13 +15,13 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import DEVNULL, Popen
 from typing import Any, NoReturn
 
 import psutil
@@ -49,7 +48,7 @@ class Server:
     port: int
     url: str
     log: Path
-    process: subprocess.Popen[bytes]
+    process: Popen[bytes]
     #: seconds from spawn until the server answered
     startup_seconds: float = 0.0
 
@@ -69,9 +68,9 @@ def free_port() -> int:
 
 
 def _running(pid: int) -> bool:
-    with suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child that exited
-    try:
+    with suppress(ChildProcessError):  # our own child: alive until waitpid reaps it
+        return os.waitpid(pid, os.WNOHANG)[0] == 0
+    try:  # someone else's: a zombie counts as stopped
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
@@ -91,7 +90,6 @@ def stop_pid(pid: int, timeout: float = 10.0) -> bool:
     while _running(pid):
         if time.monotonic() > deadline:
             _signal(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5.0
         time.sleep(0.02)
     return True
 
@@ -151,35 +149,36 @@ def _start(name: str, home: Path, argv: list[str], url: str, port: int | None) -
     log.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, PORT_ATTEMPTS + 1):
         chosen = port or free_port()
-        command = [arg.replace("{port}", str(chosen)) for arg in argv]
+        cmd = [arg.replace("{port}", str(chosen)) for arg in argv]
         with log.open("ab") as out:
             offset = out.tell()
             try:
-                process = subprocess.Popen(
-                    command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=home, start_new_session=True
-                )
+                process = Popen(cmd, stdin=DEVNULL, stdout=out, stderr=out, cwd=home, start_new_session=True)
             except OSError as exc:
-                raise ConfigError(f"cannot run {name} ({shlex.join(command)}): {exc}; {INSTALL_HINT}") from exc
+                raise ConfigError(f"cannot run {name} ({shlex.join(cmd)}): {exc}; {INSTALL_HINT}") from exc
         server = Server(name, process.pid, chosen, url.format(port=chosen), log, process)
         started, error, timeout = time.monotonic(), "none", START_TIMEOUTS[name]
-        while process.poll() is None and time.monotonic() - started < timeout:
-            try:
-                if _listens(process.pid, chosen):
-                    _probe(name, chosen)
-                    if process.poll() is None:
-                        server.startup_seconds = time.monotonic() - started
-                        return server
-            except Exception as exc:  # not up yet; the last reason goes in the error
-                error = repr(exc)
-            time.sleep(0.05)
-        exited = process.poll() is not None
-        server.stop()
+        try:
+            while process.poll() is None and time.monotonic() - started < timeout:
+                try:
+                    if _listens(process.pid, chosen):
+                        _probe(name, chosen)
+                        if process.poll() is None:
+                            server.startup_seconds = time.monotonic() - started
+                            return server
+                except Exception as exc:  # not up yet; the last reason goes in the error
+                    error = repr(exc)
+                time.sleep(0.05)
+        finally:  # on a failure, a timeout or an interrupt alike: never leave it running
+            exited = process.poll() is not None
+            if not server.startup_seconds:
+                server.stop()
         tail = log_tail(log, offset)
         if exited and "in use" in tail.lower() and port is None and attempt < PORT_ATTEMPTS:
             continue  # another process took the port between our check and its bind
         what = f"exited with code {process.returncode}" if exited else f"did not answer within {timeout:g}s ({error})"
         raise ConfigError(
-            f"the embedded {name} {what} on 127.0.0.1:{chosen}.\ncommand: {shlex.join(command)}\nlast lines of "
+            f"the embedded {name} {what} on 127.0.0.1:{chosen}.\ncommand: {shlex.join(cmd)}\nlast lines of "
             f"{log}:\n{tail}\nFix what the log says, or set the DM_* URLs to use running servers instead."
         )
     raise AssertionError("unreachable")
@@ -210,9 +209,7 @@ def start_redis(home: Path, *, persistent: bool = False, port: int | None = None
 def start_mongo(home: Path, *, port: int | None = None) -> Server:
     """SecantusDB (the MongoDB wire protocol) with its data in <home>/mongo."""
     (home / "mongo").mkdir(parents=True, exist_ok=True)
-    config = home / "secantusd.toml"  # named, so that no ~/.secantus config is picked up
-    if not config.exists():
-        config.write_text("# SecantusDB settings for the embedded stack; command-line flags win\n")
+    (config := home / "secantusd.toml").touch()  # a config of its own, so none in ~/.secantus is read
     flags = ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "WARNING", "--config"]
     argv = [find_secantusd(), *flags, str(config), "--storage-path", str(home / "mongo")]
     return _start("mongo", home, argv, "mongodb://127.0.0.1:{port}/", port)
@@ -229,8 +226,7 @@ class EmbeddedStack:
 
     def __init__(self, home: Path, *, kafka: bool = True, persistent_redis: bool = False) -> None:
         self.home = Path(home)
-        self.kafka = kafka
-        self.persistent_redis = persistent_redis
+        self.kafka, self.persistent_redis = kafka, persistent_redis
         #: the running servers, in the order they started
         self.servers: list[Server] = []
 
@@ -291,11 +287,9 @@ class EmbeddedStack:
     def read_state(cls, path: Path) -> dict[str, Any]:
         """What `write_state` wrote; ConfigError when it is missing or unreadable."""
         try:
-            state = json.loads(path.read_text())
+            state: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the stack state file {path}: {exc}") from exc
-        if not isinstance(state, dict):
-            raise ConfigError(f"the stack state file {path} does not hold a JSON object")
         return state
 
     def __enter__(self) -> EmbeddedStack:

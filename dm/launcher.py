@@ -70,9 +70,7 @@ def up(
             redis_url=settings.redis_url, mongo_url=settings.mongo_url, kafka_bootstrap=settings.kafka_bootstrap
         )
         _write(home, state)
-        env = dict(os.environ, DM_REDIS_URL=settings.redis_url, DM_MONGO_URL=settings.mongo_url, DM_HOME=str(home))
-        if settings.kafka_bootstrap:
-            env["DM_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+        env = {**os.environ, **settings.to_env()}
         ctl = Control(settings)
         ctl.registry.ping()
         ctl.registry.ensure_indexes()

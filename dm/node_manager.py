@@ -56,8 +56,7 @@ class LocalProvider:
         s = ctl.settings
         logs = s.home / "nodes"
         logs.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.update({"DM_REDIS_URL": s.redis_url, "DM_MONGO_URL": s.mongo_url, "DM_HOME": str(s.home)})
+        env = {**os.environ, **s.to_env()}
         cmd = [sys.executable, "-m", "workers", "--id", node_id, "--cpus", str(cpus), "--memory", str(memory)]
         with open(logs / f"node-{node_id}.log", "ab") as out:
             proc = subprocess.Popen(

@@ -64,6 +64,10 @@ class Settings:
             )
         return settings
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``DM_*`` variables, for the processes dm starts."""
+        return {f"DM_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) != ""}
+
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
