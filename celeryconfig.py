@@ -22,7 +22,10 @@ task_send_sent_event = True
 task_track_started = True
 result_expires = 3600
 broker_connection_retry_on_startup = True
-broker_transport_options = {"visibility_timeout": 3600}
+# a task taken by a worker that died unacknowledged goes back to its queue after this
+# many seconds (Celery's default is an hour); dm's tasks take well under a second, and
+# deploy is idempotent (the task id is the default request id), so a redelivery is harmless
+broker_transport_options = {"visibility_timeout": 120}
 worker_hijack_root_logger = False
 enable_utc = True
 timezone = "UTC"

@@ -56,12 +56,31 @@ def remove_node(r: redis.Redis, node_id: str) -> None:
     pipe.execute()
 
 
-def publish(r: redis.Redis, sample: MetricsSample, lease_ttl: float, token: str) -> None:
-    """Publish a metrics sample and renew the node's lease (one round trip)."""
+def publish(r: redis.Redis, sample: MetricsSample, lease_ttl: float, token: str) -> str | None:
+    """Publish a metrics sample and renew the node's lease (one round trip); returns the
+    node's state as the control plane sees it (``dead`` tells it that it was replaced)."""
     pipe = r.pipeline()
-    pipe.hset(c.NODE_KEY.format(sample.node_id), mapping={"cpu": sample.cpu, "ram": sample.ram, "ts": sample.ts})
+    key = c.NODE_KEY.format(sample.node_id)
+    pipe.hset(key, mapping={"cpu": sample.cpu, "ram": sample.ram, "ts": sample.ts})
     pipe.set(c.LEASE_KEY.format(sample.node_id), token, px=int(lease_ttl * 1000))
-    pipe.execute()
+    pipe.hget(key, "state")
+    state: str | None = pipe.execute()[2]
+    return state
+
+
+def presence_name(node_id: str) -> str:
+    """The Redis client name of a node's presence connection."""
+    return f"dm-node-{node_id}"
+
+
+def present_nodes(r: redis.Redis) -> set[str] | None:
+    """Node ids with a presence connection open, or None when CLIENT LIST is not allowed."""
+    try:
+        clients = r.client_list()
+    except redis.RedisError:
+        return None
+    prefix = presence_name("")
+    return {cl["name"][len(prefix) :] for cl in clients if cl.get("name", "").startswith(prefix)}
 
 
 def leases(r: redis.Redis, node_ids: Iterable[str]) -> dict[str, bool]:

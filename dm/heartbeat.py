@@ -22,7 +22,7 @@ from dm import constants as c
 from dm import deployer, fleet, node_manager
 from dm.control import Control
 from dm.models import ACTIVE_STATES, LOST, PENDING, SCHEDULED, STOPPED, STOPPING
-from dm.node_manager import DEAD, LIVE_STATES, STARTING
+from dm.node_manager import DEAD, LIVE_STATES, STARTING, UP
 from dm.node_manager import STOPPING as NODE_STOPPING
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 NODE_START_GRACE = 30.0
 #: Redis hash: node id -> time it was first seen idle
 IDLE_KEY = "dm:idle_since"
+#: Redis hash: node id -> time its presence connection was first seen missing
+ABSENT_KEY = "dm:absent_since"
 
 
 def check(ctl: Control, now: float | None = None) -> dict[str, Any]:
@@ -60,10 +62,13 @@ def find_dead_nodes(ctl: Control, now: float) -> dict[str, str]:
     live = {node_id: h for node_id, h in nodes.items() if h.get("state") in (*LIVE_STATES, NODE_STOPPING)}
     leases = fleet.leases(ctl.redis, live)
     exited = set(node_manager.provider(ctl.settings.provider).exited())
+    gone = _connection_gone(ctl, [n for n, h in live.items() if h.get("state") == UP], now)
     dead = {}
     for node_id, h in live.items():
         if node_id in exited:
             dead[node_id] = f"node-{node_id} agent process exited"
+        elif node_id in gone:
+            dead[node_id] = f"node-{node_id} connection to Redis closed"
         elif not leases[node_id]:
             if "ts" not in h and h.get("state") == STARTING:
                 doc = ctl.registry.get_node(node_id)
@@ -73,6 +78,27 @@ def find_dead_nodes(ctl: Control, now: float) -> dict[str, str]:
             else:
                 dead[node_id] = f"node-{node_id} lease expired"
     return dead
+
+
+def _connection_gone(ctl: Control, up: list[str], now: float) -> set[str]:
+    """Up nodes whose presence connection was missing in this check and the one before.
+
+    A process that dies closes its sockets at once, so this sees a ``kill -9`` well
+    before the lease expires; two checks in a row rule out a reconnect in progress.
+    """
+    present = fleet.present_nodes(ctl.redis)
+    if present is None:
+        return set()
+    missing = [node_id for node_id in up if node_id not in present]
+    seen = ctl.redis.hgetall(ABSENT_KEY)
+    stale = [node_id for node_id in seen if node_id not in missing]
+    pipe = ctl.redis.pipeline()
+    if stale:
+        pipe.hdel(ABSENT_KEY, *stale)
+    for node_id in missing:
+        pipe.hsetnx(ABSENT_KEY, node_id, now)
+    pipe.execute()
+    return {node_id for node_id in missing if node_id in seen}
 
 
 def fail_over(ctl: Control, node_id: str, reason: str) -> int:

@@ -18,6 +18,7 @@ TRANSIENT = (RegistryUnavailable, PyMongoError, RedisConnectionError)
 
 
 @app.task(
+    bind=True,
     name="dm.deploy",
     autoretry_for=TRANSIENT,
     retry_backoff=True,
@@ -25,6 +26,7 @@ TRANSIENT = (RegistryUnavailable, PyMongoError, RedisConnectionError)
     max_retries=10,
 )
 def deploy(
+    self: Any,
     algorithm: str,
     args: dict[str, Any] | None = None,
     request_id: str | None = None,
@@ -39,8 +41,14 @@ def deploy(
     if deployment_id is not None:
         doc = ctl.registry.get_deployment(deployment_id)
     else:
+        # the task id stands in for a missing request id, so a redelivered message makes no second deployment
         request = DeployRequest.from_dict(
-            {"algorithm": algorithm, "args": args or {}, "request_id": request_id, "version": version}
+            {
+                "algorithm": algorithm,
+                "args": args or {},
+                "request_id": request_id or self.request.id,
+                "version": version,
+            }
         )
         doc, _ = deployer.submit(ctl, request)
     return deployer.public(deployer.place(ctl, doc["_id"]))

@@ -102,7 +102,11 @@ class System:
 
     def wait_nodes_up(self, count: int, timeout: float = 60.0) -> list[str]:
         return wait_for(
-            lambda: (ids := [n.id for n in fleet.snapshot(self.ctl.redis, 0) if n.state == "up"]) and len(ids) >= count and ids,
+            lambda: (
+                (ids := [n.id for n in fleet.snapshot(self.ctl.redis, 0) if n.state == "up"])
+                and len(ids) >= count
+                and ids
+            ),
             timeout,
             what=f"{count} nodes up",
         )
@@ -140,7 +144,8 @@ class System:
         return deploy.delay(algorithm, **kwargs).get(timeout=timeout)
 
     def deployment(self, dep_id: str) -> dict[str, Any]:
-        return self.ctl.registry.get_deployment(dep_id)
+        doc = self.ctl.registry.get_deployment(dep_id)
+        return {"id": doc["_id"], **doc}
 
     def wait_state(self, dep_id: str, *states: str, timeout: float = 30.0) -> dict[str, Any]:
         return wait_for(

@@ -39,9 +39,7 @@ def node(
 # -- the formula -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("cpu", "ram"), [(0.0, 0.0), (0.0, 50.0), (50.0, 0.0), (-1.0, 50.0), (50.0, -1.0)]
-)
+@pytest.mark.parametrize(("cpu", "ram"), [(0.0, 0.0), (0.0, 50.0), (50.0, 0.0), (-1.0, 50.0), (50.0, -1.0)])
 def test_load_is_zero_when_either_is_zero_or_less(cpu: float, ram: float) -> None:
     assert load(cpu, ram) == 0.0
 
@@ -183,9 +181,7 @@ def test_p2c_picks_a_fitting_node_and_the_lower_of_its_two() -> None:
     ]
     rng = random.Random(42)
     picks = Counter(
-        chosen.id
-        for chosen in (choose(nodes, SMALL, policy="p2c", rng=rng) for _ in range(300))
-        if chosen is not None
+        chosen.id for chosen in (choose(nodes, SMALL, policy="p2c", rng=rng) for _ in range(300)) if chosen is not None
     )
     # Then every pick fits; c loses every pair it is drawn in, a and b both win some
     assert sum(picks.values()) == 300
@@ -195,13 +191,8 @@ def test_p2c_picks_a_fitting_node_and_the_lower_of_its_two() -> None:
 
 def test_p2c_with_a_seed_is_repeatable_whatever_the_input_order() -> None:
     nodes = [node(f"n{i}", cpu=float(i), ram=float(i)) for i in range(1, 9)]
-    first = [
-        choose(nodes, SMALL, policy="p2c", rng=random.Random(s)) for s in range(30)
-    ]
-    again = [
-        choose(nodes[::-1], SMALL, policy="p2c", rng=random.Random(s))
-        for s in range(30)
-    ]
+    first = [choose(nodes, SMALL, policy="p2c", rng=random.Random(s)) for s in range(30)]
+    again = [choose(nodes[::-1], SMALL, policy="p2c", rng=random.Random(s)) for s in range(30)]
     assert first == again
 
 
@@ -255,9 +246,7 @@ def test_without_reservations_a_burst_herds_onto_one_node() -> None:
     assert picks == {nodes[0]}
 
 
-def test_two_deployers_on_a_stale_snapshot_overcommit_but_sequential_never_does() -> (
-    None
-):
+def test_two_deployers_on_a_stale_snapshot_overcommit_but_sequential_never_does() -> None:
     # Why the caller holds a lock around decide + reserve.
     # Given two 1-cpu nodes at 20% and deploys of 0.5 core (one fits per node: 70%)
     snapshot = [node("a", cpu=20.0), node("b", cpu=20.0)]

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from celery import signals
@@ -21,8 +22,8 @@ from dm.app import app
 from dm.control import Control
 from dm.models import ACTIVE_STATES, LOST
 from dm.settings import Settings
-from workers import tasks
-from workers.metrics import HostSampler, Publisher, TreeSampler
+from workers import tasks, watchdog
+from workers.metrics import HostSampler, Presence, Publisher, TreeSampler
 from workers.supervisor import Supervisor
 
 log = logging.getLogger("dm.node")
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ctl = Control(settings)
     r = ctl.redis
     node_id = args.id or str(r.incr(node_manager.NODE_SEQ_KEY))
+    # forked before any thread exists (pymongo starts some): it only reads a file and kills
+    fence_file = settings.home / "nodes" / f"node-{node_id}.fence"
+    fence_file.parent.mkdir(parents=True, exist_ok=True)
+    watchdog.write_state(fence_file, time.time() + settings.lease_ttl, [])
+    watchdog.start(fence_file)
     cpus = args.cpus or settings.node_cpus
     memory = args.memory or settings.node_memory
     host = socket.gethostname()
@@ -70,16 +76,27 @@ def main(argv: list[str] | None = None) -> int:
     supervisor.start()
     tasks.supervisor = supervisor
     sampler = HostSampler() if args.host_wide else TreeSampler(cpus, memory)
+
+    def rejoin() -> None:
+        # declared dead while it could not renew (frozen, cut off): whatever it ran has moved on
+        supervisor.fence_all("this node was declared dead")
+        fleet.set_state(r, node_id, node_manager.UP)
+        ctl.registry.set_node_state(node_id, node_manager.UP)
+        log.warning("node-%s was declared dead; it killed its algorithms and rejoins empty", node_id)
+
     publisher = Publisher(
         r,
         node_id,
         sampler,
-        interval=settings.metrics_interval,
+        interval=min(settings.metrics_interval, settings.lease_ttl / 3),
         lease_ttl=settings.lease_ttl,
         on_fence=supervisor.fence_all,
+        on_renew=supervisor.renewed,
+        on_dead=rejoin,
     )
     publisher.publish_once()
     publisher.start()
+    Presence(settings.redis_url, node_id).start()
 
     def ready(**_: Any) -> None:
         fleet.set_state(r, node_id, node_manager.UP)

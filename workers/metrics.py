@@ -18,6 +18,7 @@ import redis
 
 from dm import fleet
 from dm.models import MetricsSample
+from workers.watchdog import FENCE_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Publisher(threading.Thread):
         lease_ttl: float,
         on_fence: Callable[[str], None],
         on_renew: Callable[[float], None] | None = None,
+        on_dead: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name=f"dm-metrics-{node_id}", daemon=True)
         self.r = r
@@ -84,17 +86,27 @@ class Publisher(threading.Thread):
         self.lease_ttl = lease_ttl
         self.on_fence = on_fence
         self.on_renew = on_renew
+        self.on_dead = on_dead
         self.token = uuid.uuid4().hex
         self.last_renewed = time.monotonic()
         self.fenced = False
         self.stopping = threading.Event()
 
+    @property
+    def fence_after(self) -> float:
+        """Seconds without a renewal after which this node must kill its algorithms."""
+        return self.lease_ttl * FENCE_FRACTION
+
     def publish_once(self) -> None:
         cpu, ram = self.sampler.sample()
-        fleet.publish(self.r, MetricsSample(self.node_id, cpu, ram), self.lease_ttl, self.token)
+        sent = time.time()
+        state = fleet.publish(self.r, MetricsSample(self.node_id, cpu, ram), self.lease_ttl, self.token)
         self.last_renewed = time.monotonic()
         if self.on_renew is not None:
-            self.on_renew(self.lease_ttl)
+            # counted from before the request: the lease may have been set at any time since
+            self.on_renew(sent + self.fence_after)
+        if state == "dead" and self.on_dead is not None:
+            self.on_dead()
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -107,10 +119,30 @@ class Publisher(threading.Thread):
             except (redis.RedisError, OSError) as exc:
                 silent = time.monotonic() - self.last_renewed
                 log.warning("node-%s cannot renew its lease (%.1fs): %s", self.node_id, silent, exc)
-                if silent >= self.lease_ttl and not self.fenced:
+                if silent >= self.fence_after and not self.fenced:
                     self.fenced = True
                     self.on_fence(f"lease not renewed for {silent:.1f}s")
             self.stopping.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def stop(self) -> None:
         self.stopping.set()
+
+
+class Presence(threading.Thread):
+    """Holds one named, blocked connection to Redis for the node's whole life.
+
+    When the agent dies its socket closes at once and the name leaves ``CLIENT LIST``:
+    the heartbeat manager takes that as a faster signal than the lease expiring.
+    """
+
+    def __init__(self, url: str, node_id: str) -> None:
+        super().__init__(name=f"dm-presence-{node_id}", daemon=True)
+        self.client = redis.Redis.from_url(url, client_name=fleet.presence_name(node_id), socket_keepalive=True)
+        self.key = f"dm:presence:{node_id}"
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.client.blpop([self.key], timeout=0)
+            except (redis.RedisError, OSError):
+                time.sleep(0.2)

@@ -28,6 +28,7 @@ from dm import deployer
 from dm.control import Control
 from dm.models import FAILED, RESTARTING, RUNNING, SCHEDULED, STOPPED, STOPPING, SUCCEEDED, RestartPolicy
 from dm.package import unpack
+from workers.watchdog import FENCE_FRACTION, write_state
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ class Supervisor(threading.Thread):
         self.procs: dict[str, Proc] = {}
         self.stopped = threading.Event()
         self._next_fence_check = 0.0
+        #: the watchdog's state file: lease validity and the process groups to kill past it
+        self.fence_file = self.home / "nodes" / f"node-{node_id}.fence"
+        self.fence_file.parent.mkdir(parents=True, exist_ok=True)
+        self.valid_until = time.time() + ctl.settings.lease_ttl * FENCE_FRACTION
+        self._fence_lock = threading.Lock()
+        self._write_fence()
 
     # -- called from other threads ------------------------------------------------
 
@@ -111,6 +118,16 @@ class Supervisor(threading.Thread):
             return done.get(timeout=timeout)
         except queue.Empty:
             return []
+
+    def renewed(self, valid_until: float) -> None:
+        """The lease was renewed: the algorithms may run until ``valid_until``."""
+        self.valid_until = valid_until
+        self._write_fence()
+
+    def _write_fence(self) -> None:
+        pgids = [p.popen.pid for p in list(self.procs.values()) if p.popen is not None]
+        with self._fence_lock:
+            write_state(self.fence_file, self.valid_until, pgids)
 
     def running(self) -> dict[str, int]:
         return {p.dep_id: p.generation for p in list(self.procs.values()) if p.popen is not None}
@@ -197,6 +214,7 @@ class Supervisor(threading.Thread):
         proc.started = time.time()
         proc.restart_at = None
         self.procs[proc.dep_id] = proc
+        self._write_fence()
         reported = deployer.transition(
             self.ctl,
             proc.dep_id,
@@ -245,6 +263,7 @@ class Supervisor(threading.Thread):
             _signal_group(proc.popen.pid, signal.SIGKILL)  # leftovers of its process group
         proc.popen = None
         del self.procs[proc.dep_id]
+        self._write_fence()
         gen, dep_id = proc.generation, proc.dep_id
         if proc.killing == "stop":
             deployer.transition(

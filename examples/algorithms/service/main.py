@@ -1,7 +1,7 @@
 """Tick every ``interval`` seconds (default 1) until SIGTERM/SIGINT, then exit 0.
 
 With a ``ledger`` arg (a file path) it appends ``start <id> <gen> <pid> <time>`` when it
-starts and ``stop <id> <gen> <pid> <time>`` when signalled. Each line is one O_APPEND
+starts, ``tick …`` after each interval, and ``stop <id> <gen> <pid> <time>`` when signalled. Each line is one O_APPEND
 write followed by fsync, so several instances sharing a ledger interleave by line; tests
 read it to prove a deployment never runs twice at once.
 """
@@ -20,7 +20,7 @@ def on_signal(signum: int, frame: object) -> None:
     raise Stop
 
 
-def record(ledger: str | None, event: str) -> None:
+def record(ledger: str | None, event: str, sync: bool = True) -> None:
     if not ledger:
         return
     deployment = os.environ.get("DM_DEPLOYMENT_ID", "-")
@@ -29,7 +29,8 @@ def record(ledger: str | None, event: str) -> None:
     fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -48,6 +49,7 @@ def main() -> int:
             time.sleep(interval)
             tick += 1
             print(f"service: tick {tick}", flush=True)
+            record(ledger, "tick", sync=False)  # proof of life: two instances must never tick at once
     except Stop:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop line, even if signalled twice
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,220 @@
+"""Deploy latency: ``deploy.delay`` -> ``running``, against a bare Celery round trip that Popens.
+
+Starts a private embedded stack, a control worker and beat (as ``dm up`` does), N node
+agents with room for everything (placement never adds a node), and a bare Celery
+worker of a minimal app. Then, one after another, ``--count`` times:
+
+- baseline: ``popen.delay(cmd)`` to the bare worker, which starts ``cmd`` with
+  ``subprocess.Popen`` and returns; timed from ``.delay()`` to the result in hand;
+- dm: ``deploy.delay(algo)``, timed from the call to the ``time`` of the deployment's
+  ``running`` event in the registry (written by the node once the process started).
+
+Both start the same command (``/bin/sleep``, a run-unique duration that tags the
+processes) and alternate, so both see the same machine and the same number of
+processes already running. Goal: dm's p50 within 1.5x the baseline's.
+
+    /work/venv/bin/python bench/deploy_latency.py [--count 200] [--nodes 2] [--no-doc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import (  # noqa: E402
+    Harness,
+    baseline_worker_cmd,
+    percentile,
+    popen,
+    reap,
+    table,
+    verdict,
+    wait_for,
+    write_section,
+)
+
+GOAL_RATIO = 1.5
+ALGORITHM = "benchsleep"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=200, help="measured deployments (default 200)")
+    p.add_argument("--warmup", type=int, default=6, help="unmeasured deployments first (default 6)")
+    p.add_argument("--nodes", type=int, default=2, help="node agents (default 2)")
+    p.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks-core.md")
+    return p.parse_args(argv)
+
+
+def make_algorithm(directory: Path, command: list[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "algorithm.toml").write_text(
+        f'name = "{ALGORITHM}"\nversion = "1.0.0"\ndescription = "sleeps: the least an algorithm can do"\n'
+        f'command = {command!r}\ncpu = 0.01\nmemory = 1\n\n[restart]\npolicy = "never"\n'.replace("'", '"')
+    )
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    # a run-unique duration tags every process this run starts, so leftovers can be found
+    tag = f"86{random.randrange(10**5):05d}.5"
+    command = ["/bin/sleep", tag]
+    settings = dict(node_cpus=64, node_memory=65536, min_nodes=args.nodes, max_nodes=args.nodes, idle_timeout=3600)
+    started = time.monotonic()
+    with Harness("deploy_latency", **settings) as h:
+        baseline_pids: list[int] = []
+        try:
+            figures = run(h, args, command, baseline_pids)
+        finally:
+            stop_all(h, command, baseline_pids)
+    report(args, figures, time.monotonic() - started)
+    return 0
+
+
+def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids: list[int]) -> dict[str, list[float]]:
+    import redis
+
+    from dm import constants as c
+    from dm.control import Control
+    from dm.package import load_spec, pack
+    from dm.settings import Settings
+
+    ctl = Control(Settings.from_env())
+    ctl.registry.ensure_indexes()
+    directory = make_algorithm(h.dir / "algorithm", command)
+    archive, sha = pack(directory)
+    ctl.registry.add_algorithm(load_spec(directory), archive, sha)
+
+    celery = [sys.executable, "-m", "celery", "-A", "dm"]
+    # the control plane as `dm up` starts it
+    h.spawn("control", celery + ["worker", "-Q", c.CONTROL_QUEUE, "-P", "threads", "-c", "8",
+                                 "-n", "control@%h", "-E", "-l", "INFO"])  # fmt: skip
+    h.spawn("beat", celery + ["beat", "-S", "celery.beat:Scheduler", "-l", "INFO"])
+    node_ids = [f"b{i + 1}" for i in range(args.nodes)]
+    for node_id in node_ids:
+        h.spawn(f"node-{node_id}", [sys.executable, "-m", "workers", "--id", node_id, "--cpus", "64",
+                                    "--memory", "65536"])  # fmt: skip
+    h.spawn("baseline", baseline_worker_cmd())
+    r = redis.Redis.from_url(h.stack.redis_url, decode_responses=True)
+
+    def nodes_up() -> bool:
+        h.check_alive()
+        return all(r.hget(c.NODE_KEY.format(n), "state") == "up" for n in node_ids)
+
+    wait_for(nodes_up, 90, f"{args.nodes} node(s) up")
+    print(f"stack, control worker, beat, {args.nodes} node(s) and the baseline worker up; "
+          f"{args.warmup} warm-up + {args.count} measured deployments ...", flush=True)  # fmt: skip
+
+    from dm import deploy
+
+    events = ctl.registry.events
+    figures: dict[str, list[float]] = {"baseline": [], "dm": [], "submit": [], "place": [], "start": []}
+    for i in range(args.warmup + args.count):
+        # baseline: one bare Celery round trip that Popens the command
+        t0 = time.time()
+        pid = popen.delay(command).get(timeout=30)
+        base = time.time() - t0
+        baseline_pids.append(pid)
+        # dm: deploy.delay -> the running event's time
+        t0 = time.time()
+        dep = deploy.delay(ALGORITHM).get(timeout=60)
+        dep_id = dep["id"]
+        wait_for(
+            lambda dep_id=dep_id: events.find_one({"deployment_id": dep_id, "state": "running"}, {"_id": 1}),
+            60, f"deployment {dep_id} running", interval=0.01,
+        )  # fmt: skip
+        times = {e["state"]: e["time"] for e in events.find({"deployment_id": dep_id}, {"state": 1, "time": 1})}
+        if i < args.warmup:
+            continue
+        figures["baseline"].append(base)
+        figures["dm"].append(times["running"] - t0)
+        figures["submit"].append(times["pending"] - t0)
+        figures["place"].append(times["scheduled"] - times["pending"])
+        figures["start"].append(times["running"] - times["scheduled"])
+        done = i + 1 - args.warmup
+        if done % 50 == 0:
+            print(f"  {done}/{args.count}: dm p50 {median(figures['dm']) * 1000:.1f} ms, "
+                  f"baseline p50 {median(figures['baseline']) * 1000:.1f} ms", flush=True)  # fmt: skip
+    counts = ctl.registry.count_by_state()
+    if counts.get("running", 0) != args.warmup + args.count:
+        print(f"warning: deployments by state at the end: {counts}", file=sys.stderr)
+    return figures
+
+
+def stop_all(h: Harness, command: list[str], baseline_pids: list[int]) -> None:
+    """Reap the baseline's processes, stop the control plane before the nodes (so nothing
+    places what they hand back), then the rest; kill any process this run's tag marks."""
+    import psutil
+
+    try:
+        if "baseline" in h.procs and h.procs["baseline"].poll() is None:
+            reap.apply_async(queue="bench.baseline").get(timeout=20)
+    except Exception as exc:
+        print(f"warning: the baseline worker did not reap its children: {exc}", file=sys.stderr)
+    for name in ("baseline", "control", "beat"):
+        h.stop(name)
+    for name in [n for n in h.procs if n.startswith("node-")]:
+        h.stop(name, timeout=30)
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == command]
+    for proc in left:
+        proc.kill()
+    if left:
+        print(f"warning: killed {len(left)} leftover {command} processes", file=sys.stderr)
+
+
+def report(args: argparse.Namespace, f: dict[str, list[float]], elapsed: float) -> None:
+    def ms(x: float) -> str:
+        return f"{x * 1000:.1f}"
+
+    def row(name: str, values: list[float]) -> list[object]:
+        return [name, len(values), ms(percentile(values, 50)), ms(percentile(values, 90)),
+                ms(percentile(values, 99)), ms(max(values))]  # fmt: skip
+
+    ratio = percentile(f["dm"], 50) / percentile(f["baseline"], 50)
+    ok = ratio <= GOAL_RATIO
+    main_table = table(
+        ["path", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"],
+        [row("baseline: bare Celery round trip, task Popens the command", f["baseline"]),
+         row("dm: `deploy.delay` -> `running` event", f["dm"])],
+    )  # fmt: skip
+    split = table(
+        ["phase of the dm path (event times)", "p50 ms", "p99 ms"],
+        [
+            ["`delay` -> `pending` recorded (broker hop to the control worker, submit)",
+             ms(percentile(f["submit"], 50)), ms(percentile(f["submit"], 99))],
+            ["`pending` -> `scheduled` (place: lock, snapshot, choose, CAS write)",
+             ms(percentile(f["place"], 50)), ms(percentile(f["place"], 99))],
+            ["`scheduled` -> `running` (dispatch hop to the node, supervisor, Popen, report)",
+             ms(percentile(f["start"], 50)), ms(percentile(f["start"], 99))],
+        ],
+    )  # fmt: skip
+    summary = f"p50 ratio dm / baseline: **{ratio:.2f}x** (goal <= {GOAL_RATIO}x): **{verdict(ok)}**"
+    setup = (
+        f"{args.count} deployments measured one after another (after {args.warmup} warm-up ones), each "
+        f"waited for until `running`, alternating with the baseline; they stay running, so the last ones "
+        f"start with {args.count} processes already up. {args.nodes} node agent(s) of 64 cpus / 64 GiB "
+        "(placement never adds one); control worker (`-P threads -c 8`, as `dm up` starts it) and beat "
+        "running. The algorithm is `/bin/sleep` (cpu 0.01, memory 1); the baseline starts the same "
+        f"command. Same Redis for both. Run time {elapsed:.0f} s."
+    )
+    print()
+    print(main_table)
+    print()
+    print(split)
+    print()
+    print(summary)
+    if not args.no_doc:
+        path = write_section("deploy_latency", "Deploy latency: `deploy.delay` -> `running`",
+                             f"{setup}\n\n{main_table}\n\n{split}\n\n{summary}\n")  # fmt: skip
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

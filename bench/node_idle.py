@@ -1,0 +1,183 @@
+"""Node agent at idle: memory (RSS) and CPU with no deployments, against a bare Celery worker.
+
+Starts a private embedded stack, one real node agent (``python -m workers --id X --cpus 1
+--memory 1024``, as the node manager starts one) and, as the baseline, a bare ``celery
+worker`` of a minimal app (threads pool, the same concurrency, the same Redis). Once the
+agent's ``dm:node:X`` hash says ``up`` and the baseline answers a ping, both settle, then
+are measured over the same window: CPU time used (percent of one core) and memory
+(RSS sampled every second: the last and the largest; PSS and USS at the end). The agent
+is measured alone and with its children (the fence watchdog it forks), as the node's
+whole cost. Goal: at most 80 MB RSS and 1% of a core.
+
+    /work/venv/bin/python bench/node_idle.py [--seconds 20] [--no-doc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import Harness, baseline_app, baseline_worker_cmd, table, verdict, wait_for, write_section  # noqa: E402
+
+GOAL_RSS_MB = 80.0
+GOAL_CPU_PERCENT = 1.0
+MB = 1024 * 1024
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=20.0, help="measurement window (default 20)")
+    p.add_argument("--settle", type=float, default=5.0, help="seconds to wait once up, before measuring (default 5)")
+    p.add_argument("--concurrency", type=int, default=4, help="task threads of both (default 4, the agent's default)")
+    p.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks-core.md")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Watch:
+    """CPU and memory of one process, or of it and its children (``tree``)."""
+
+    name: str
+    pid: int
+    tree: bool = False
+    procs: list[Any] = field(default_factory=list)
+    cpu0: float = 0.0
+    rss: list[float] = field(default_factory=list)
+    cpu_percent: float = 0.0
+    pss: float = 0.0
+    uss: float = 0.0
+    threads: int = 0
+
+    def members(self) -> list[Any]:
+        import psutil
+
+        root = psutil.Process(self.pid)
+        return [root, *root.children(recursive=True)] if self.tree else [root]
+
+    def start(self) -> None:
+        self.procs = self.members()
+        self.cpu0 = sum(_cpu(p) for p in self.procs)
+
+    def sample(self) -> None:
+        self.rss.append(sum(p.memory_info().rss for p in self.members()) / MB)
+
+    def finish(self, seconds: float) -> None:
+        self.cpu_percent = (sum(_cpu(p) for p in self.procs) - self.cpu0) / seconds * 100.0
+        full = [p.memory_full_info() for p in self.members()]
+        self.pss = sum(getattr(m, "pss", m.rss) for m in full) / MB
+        self.uss = sum(m.uss for m in full) / MB
+        self.threads = sum(p.num_threads() for p in self.members())
+
+
+def _cpu(proc: Any) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    started = time.monotonic()
+    with Harness("node_idle") as h:
+        watches = run(h, args)
+    report(args, watches, time.monotonic() - started)
+    return 0
+
+
+def run(h: Harness, args: argparse.Namespace) -> list[Watch]:
+    import redis
+
+    from dm import constants as c
+
+    node_id = f"idle-{uuid.uuid4().hex[:6]}"
+    agent = h.spawn("agent", [sys.executable, "-m", "workers", "--id", node_id, "--cpus", "1", "--memory", "1024",
+                              "--concurrency", str(args.concurrency)])  # fmt: skip
+    name = f"baseline-{uuid.uuid4().hex[:6]}"
+    base = h.spawn("baseline", baseline_worker_cmd(args.concurrency, name=name))
+    r = redis.Redis.from_url(h.stack.redis_url, decode_responses=True)
+
+    def agent_up() -> bool:
+        h.check_alive()
+        return r.hget(c.NODE_KEY.format(node_id), "state") == "up"
+
+    def baseline_up() -> bool:
+        h.check_alive()
+        return bool(baseline_app.control.ping(destination=[f"{name}@{socket.gethostname()}"], timeout=0.5))
+
+    wait_for(agent_up, 60, f"node {node_id} up")
+    wait_for(baseline_up, 60, "the baseline worker to answer a ping")
+    print(f"node agent (pid {agent.pid}) and baseline worker (pid {base.pid}) up; settling {args.settle:g} s, "
+          f"then measuring {args.seconds:g} s ...", flush=True)  # fmt: skip
+    time.sleep(args.settle)
+    watches = [Watch("baseline: bare `celery worker` (threads)", base.pid), Watch("dm node agent (process)", agent.pid),
+               Watch("dm node agent + children (watchdog)", agent.pid, tree=True)]  # fmt: skip
+    for w in watches:
+        w.start()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < args.seconds:
+        for w in watches:
+            w.sample()
+        time.sleep(min(1.0, max(0.0, args.seconds - (time.monotonic() - t0))))
+    elapsed = time.monotonic() - t0
+    h.check_alive()
+    for w in watches:
+        w.finish(elapsed)
+    if r.hget(c.NODE_KEY.format(node_id), "state") != "up":
+        raise RuntimeError(f"node {node_id} is no longer up after the window")
+    return watches
+
+
+def report(args: argparse.Namespace, watches: list[Watch], elapsed: float) -> None:
+    base, agent, tree = watches
+    rows = [
+        [w.name, len(w.procs), w.threads, f"{w.rss[-1]:.1f}", f"{max(w.rss):.1f}", f"{w.pss:.1f}", f"{w.uss:.1f}",
+         f"{w.cpu_percent:.2f}"]
+        for w in watches
+    ]  # fmt: skip
+    figures = table(
+        [
+            "process",
+            "procs",
+            "threads",
+            "RSS MB",
+            "max RSS MB",
+            "PSS MB",
+            "USS MB",
+            f"CPU % of a core ({args.seconds:g} s)",
+        ],
+        rows,
+    )
+    rss_ok = agent.rss[-1] <= GOAL_RSS_MB
+    cpu_ok = tree.cpu_percent <= GOAL_CPU_PERCENT
+    summary = (
+        f"agent RSS {agent.rss[-1]:.1f} MB vs goal <= {GOAL_RSS_MB:g} MB: **{verdict(rss_ok)}** "
+        f"({agent.rss[-1] / base.rss[-1]:.2f}x the bare worker); idle CPU of the agent and its watchdog "
+        f"{tree.cpu_percent:.2f}% of a core vs goal <= {GOAL_CPU_PERCENT:g}%: **{verdict(cpu_ok)}** "
+        f"(bare worker {base.cpu_percent:.2f}%)"
+    )
+    setup = (
+        f"One node agent (`python -m workers --cpus 1 --memory 1024 --concurrency {args.concurrency}`, no "
+        "deployments, no control worker) and a bare `celery worker -P threads "
+        f"-c {args.concurrency} --without-gossip --without-mingle` of a minimal JSON app on the same Redis, "
+        f"measured together {args.settle:g} s after both were up, over {args.seconds:g} s. MB = MiB. PSS splits "
+        "pages shared with the forked watchdog; RSS of a tree counts them twice. "
+        f"Run time {elapsed:.0f} s."
+    )
+    print()
+    print(figures)
+    print()
+    print(summary)
+    if not args.no_doc:
+        body = f"{setup}\n\n{figures}\n\n{summary}\n"
+        print(f"wrote {write_section('node_idle', 'Node agent at idle: memory and CPU', body)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

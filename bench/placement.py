@@ -1,0 +1,268 @@
+"""Placement throughput: ``dm.deployer.place`` per second with 50 registered nodes.
+
+Starts a private embedded stack (no dm processes), registers 50 fake nodes in Redis
+(``up``, room for everything, a random metrics sample and a long lease), records
+``--count`` pending deployments, and times ``place(ctl, id)`` on each, one after another:
+it reads the deployment, takes the placement lock, snapshots the fleet, chooses,
+compare-and-sets ``scheduled`` (plus its event), allocates, and sends ``dm.run`` to the
+node's queue (nothing consumes it). Baseline, in the same run: the registry's raw
+single-document write rate, ``update_one`` of a deployment-like document by id and
+state (placement's own write is such an update), and ``insert_one`` for reference, on a
+collection with the same indexes as ``deployments``.
+Blocks of placements and of baseline writes alternate, so both see the same machine.
+Goal: placements/s at least half the ``update_one`` rate.
+
+A second, instrumented pass times each piece of ``place`` to show where the cost is.
+
+    /work/venv/bin/python bench/placement.py [--count 1000] [--nodes 50] [--no-doc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import Harness, percentile, table, verdict, write_section  # noqa: E402
+
+GOAL_FRACTION = 0.5
+ALGORITHM = "benchsleep"
+BLOCK = 100
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=1000, help="timed placements (default 1000)")
+    p.add_argument("--split-count", type=int, default=300, help="placements of the instrumented pass (default 300)")
+    p.add_argument("--nodes", type=int, default=50, help="registered nodes (default 50)")
+    p.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks-core.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    started = time.monotonic()
+    with Harness("placement") as h:
+        results = run(h, args)
+    report(args, results, time.monotonic() - started)
+    return 0
+
+
+def setup(h: Harness, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from dm import fleet
+    from dm.control import Control
+    from dm.models import MetricsSample
+    from dm.package import load_spec, pack
+    from dm.settings import Settings
+
+    ctl = Control(Settings.from_env())
+    ctl.redis.flushdb()
+    ctl.registry.ensure_indexes()
+    directory = h.dir / "algorithm"
+    directory.mkdir(parents=True)
+    (directory / "algorithm.toml").write_text(
+        f'name = "{ALGORITHM}"\nversion = "1.0.0"\ncommand = ["/bin/sleep", "60"]\ncpu = 0.01\nmemory = 1\n'
+    )
+    archive, sha = pack(directory)
+    algorithm = ctl.registry.add_algorithm(load_spec(directory), archive, sha)
+    rng = random.Random(1)
+    for i in range(args.nodes):
+        node_id = f"n{i + 1:03d}"
+        fleet.register_node(ctl.redis, node_id, cpus=1024, memory=1024 * 1024, state="up", host="bench")
+        sample = MetricsSample(node_id, cpu=rng.uniform(5, 40), ram=rng.uniform(5, 40))
+        fleet.publish(ctl.redis, sample, lease_ttl=600, token="bench")
+    return ctl, algorithm
+
+
+def create(ctl: Any, algorithm: dict[str, Any], count: int) -> tuple[list[str], float]:
+    from dm.models import DeployRequest
+
+    t0 = time.perf_counter()
+    ids = [
+        ctl.registry.create_deployment(DeployRequest(algorithm=ALGORITHM), algorithm)[0]["_id"] for _ in range(count)
+    ]
+    return ids, time.perf_counter() - t0
+
+
+def run(h: Harness, args: argparse.Namespace) -> dict[str, Any]:
+    from dm import deployer
+    from dm.models import SCHEDULED
+
+    ctl, algorithm = setup(h, args)
+    raw = ctl.registry.db["bench_raw_writes"]
+    # the same indexes as the deployments collection: a write pays for each of them
+    for name, info in ctl.registry.deployments.index_information().items():
+        if name != "_id_":
+            raw.create_index(info["key"], unique=info.get("unique", False))
+    results: dict[str, Any] = {"place": [], "update": [], "insert": [], "blocks": []}
+    ids, created = create(ctl, algorithm, args.count)
+    results["create_rate"] = args.count / created
+    # warm-up: connections, the Celery producer pool, the lock script
+    for dep_id in create(ctl, algorithm, 5)[0]:
+        deployer.place(ctl, dep_id)
+    template = ctl.registry.get_deployment(ids[0])
+    print(f"{args.nodes} nodes registered, {args.count} pending deployments recorded; timing ...", flush=True)
+    done = 0
+    while done < args.count:
+        block = ids[done : done + BLOCK]
+        # baseline: raw inserts, then the CAS-like update of each, of deployment-like documents
+        docs = [{**template, "_id": f"raw-{done + i}", "request_id": f"raw-{done + i}"} for i in range(len(block))]
+        t0 = time.perf_counter()
+        for doc in docs:
+            raw.insert_one(doc)
+        results["insert"].append((len(docs), time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for doc in docs:
+            raw.update_one(
+                {"_id": doc["_id"], "state": {"$in": ["pending", "lost"]}, "generation": 0},
+                {"$set": {"state": SCHEDULED, "node": "n001", "reason": "placed", "updated_at": time.time(),
+                          "scheduled_at": time.time(), "pid": None},
+                 "$inc": {"rev": 1, "generation": 1}},
+            )  # fmt: skip
+        results["update"].append((len(docs), time.perf_counter() - t0))
+        # dm: place each
+        times = []
+        t0 = time.perf_counter()
+        for dep_id in block:
+            t = time.perf_counter()
+            placed = deployer.place(ctl, dep_id)
+            times.append(time.perf_counter() - t)
+            if placed["state"] != SCHEDULED:
+                raise RuntimeError(f"deployment {dep_id} was not placed: {placed['state']} ({placed.get('reason')})")
+        results["blocks"].append((len(block), time.perf_counter() - t0))
+        results["place"] += times
+        done += len(block)
+    results["nodes_used"] = len({d["node"] for d in ctl.registry.deployments.find({}, {"node": 1})})
+    results["split"] = split(ctl, algorithm, args.split_count)
+    return results
+
+
+class _TimedLock:
+    """The placement lock, with acquire and release timed."""
+
+    def __init__(self, lock: Any, record: Callable[[str, float], None]) -> None:
+        self.lock, self.record = lock, record
+
+    def __enter__(self) -> Any:
+        t = time.perf_counter()
+        self.lock.__enter__()
+        self.record("lock acquire + release (Redis)", time.perf_counter() - t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        t = time.perf_counter()
+        self.lock.__exit__(*exc)
+        self.record("lock acquire + release (Redis)", time.perf_counter() - t)
+
+
+def split(ctl: Any, algorithm: dict[str, Any], count: int) -> dict[str, float]:
+    """Mean seconds per placement spent in each piece of ``place`` (wrapped, then restored)."""
+    from dm import balancer, deployer, fleet
+
+    spent: dict[str, float] = defaultdict(float)
+
+    def record(name: str, seconds: float) -> None:
+        spent[name] += seconds
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                record(name, time.perf_counter() - t)
+
+        return wrapper
+
+    ids, _ = create(ctl, algorithm, count)
+    originals = {
+        (fleet, "snapshot"): fleet.snapshot,
+        (balancer, "choose"): balancer.choose,
+        (fleet, "allocate"): fleet.allocate,
+        (deployer, "dispatch"): deployer.dispatch,
+    }
+    registry, r = ctl.registry, ctl.redis
+    try:
+        fleet.snapshot = timed("snapshot (Redis pipeline + views)", fleet.snapshot)
+        balancer.choose = timed("choose (balancer, pure)", balancer.choose)
+        fleet.allocate = timed("allocate (Redis HSET)", fleet.allocate)
+        deployer.dispatch = timed("dispatch (Celery send_task)", deployer.dispatch)
+        registry.get_deployment = timed("read the deployment (MongoDB find_one)", registry.get_deployment)
+        registry.transition = timed("registry write (CAS find_one_and_update + event insert)", registry.transition)
+        lock = r.lock
+        r.lock = lambda *a, **k: _TimedLock(lock(*a, **k), record)
+        t0 = time.perf_counter()
+        for dep_id in ids:
+            deployer.place(ctl, dep_id)
+        total = time.perf_counter() - t0
+    finally:
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
+        for name in ("get_deployment", "transition"):
+            registry.__dict__.pop(name, None)
+        r.__dict__.pop("lock", None)
+    parts = {name: seconds / count for name, seconds in spent.items()}
+    parts["other (Python in place, loop)"] = total / count - sum(parts.values())
+    parts["total"] = total / count
+    return parts
+
+
+def report(args: argparse.Namespace, res: dict[str, Any], elapsed: float) -> None:
+    def rate(blocks: list[tuple[int, float]]) -> float:
+        return sum(n for n, _ in blocks) / sum(s for _, s in blocks)
+
+    place_rate, update_rate, insert_rate = rate(res["blocks"]), rate(res["update"]), rate(res["insert"])
+    first, last = res["blocks"][0], res["blocks"][-1]
+    ok = place_rate >= GOAL_FRACTION * update_rate
+    lat = res["place"]
+    rates = table(
+        ["operation", "n", "per second", "mean ms", "p50 ms", "p99 ms"],
+        [
+            ["baseline: `update_one` by id + state (raw CAS-like write, same indexes)", sum(n for n, _ in res["update"]),
+             f"{update_rate:.0f}", f"{1000 / update_rate:.2f}", "", ""],
+            ["baseline: `insert_one` of a deployment-like document", sum(n for n, _ in res["insert"]),
+             f"{insert_rate:.0f}", f"{1000 / insert_rate:.2f}", "", ""],
+            [f"dm: `place()` with {args.nodes} nodes", len(lat), f"{place_rate:.0f}", f"{1000 / place_rate:.2f}",
+             f"{percentile(lat, 50) * 1000:.2f}", f"{percentile(lat, 99) * 1000:.2f}"],
+            ["(for reference) `create_deployment` (insert + event)", args.count, f"{res['create_rate']:.0f}",
+             f"{1000 / res['create_rate']:.2f}", "", ""],
+        ],
+    )  # fmt: skip
+    parts = res["split"]
+    total = parts["total"]
+    split_table = table(
+        ["piece of `place()` (instrumented pass)", "mean ms", "share"],
+        [[name, f"{sec * 1000:.3f}", f"{sec / total:.0%}"] for name, sec in parts.items() if name != "total"]
+        + [["total per placement", f"{total * 1000:.3f}", "100%"]],
+    )
+    growth = (
+        f"First block of {first[0]}: {first[0] / first[1]:.0f}/s; last block (with {args.count - last[0]} "
+        f"deployments already allocated across the nodes): {last[0] / last[1]:.0f}/s."
+    )
+    summary = (
+        f"placements/s vs raw `update_one`/s: **{place_rate / update_rate:.2f}** "
+        f"(goal >= {GOAL_FRACTION}): **{verdict(ok)}**"
+    )
+    setup = (
+        f"{args.nodes} fake nodes registered in Redis (`up`, 1024 cpus / 1 TiB each, random 5-40% usage); "
+        f"{args.count} deployments placed one after another in blocks of {BLOCK}, alternating with blocks of "
+        f"baseline writes to the same SecantusDB; they landed on {res['nodes_used']} nodes. The instrumented "
+        f"pass places {args.split_count} more. Run time {elapsed:.0f} s."
+    )
+    print()
+    for part in (rates, split_table, growth, summary):
+        print(part + "\n")
+    if not args.no_doc:
+        body = f"{setup}\n\n{rates}\n\n{split_table}\n\n{growth}\n\n{summary}\n"
+        print(f"wrote {write_section('placement', f'Placement throughput with {args.nodes} nodes', body)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
