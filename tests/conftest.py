@@ -14,8 +14,8 @@ os.environ["DM_HOME"] = tempfile.mkdtemp(prefix="dm-test-home-")
 for _name in ("DM_DATABASE",):
     os.environ.pop(_name, None)
 
-from tests.servers import stack  # noqa: F401  (session fixture: Redis, MongoDB, Kafka)
-from tests.system import System
+from tests.servers import stack  # noqa: F401, E402  (session fixture: Redis, MongoDB, Kafka)
+from tests.system import System  # noqa: E402
 
 
 @pytest.fixture

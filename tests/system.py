@@ -127,7 +127,6 @@ class System:
     # -- helpers ----------------------------------------------------------------
 
     def add_examples(self, *names: str) -> None:
-        from dm.package import load_spec, pack
 
         for name in names or [p.name for p in EXAMPLES.iterdir() if (p / "algorithm.toml").exists()]:
             self.add_algorithm(EXAMPLES / name)

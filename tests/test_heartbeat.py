@@ -102,7 +102,10 @@ def test_on_failure_restarts_three_times_with_backoff_then_fails(make_system, tm
 
 def test_always_restarts_a_clean_exit_and_never_does_not_restart(make_system, tmp_path):
     system = make_system(nodes=1)
-    system.add_algorithm(variant(tmp_path, "hello", "hello-always", restart__policy='"always"', restart__max_restarts="2", restart__backoff="0.1"))  # fmt: skip
+    always_dir = variant(
+        tmp_path, "hello", "hello-always", restart__policy='"always"', restart__max_restarts="2", restart__backoff="0.1"
+    )
+    system.add_algorithm(always_dir)
     system.add_algorithm(variant(tmp_path, "fail", "fail-never", restart__policy='"never"'))
 
     always = system.deploy("hello-always")
