@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,41 @@ def test_commands_without_a_running_system_say_what_to_do(tmp_path: Path):
     result = run(env, "deployments")
     assert result.returncode == 1
     assert "dm up" in result.stderr
+
+
+def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path: Path):
+    # Given `dm up` running in the foreground
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DM_")}
+    env["DM_HOME"] = str(tmp_path / "dm-home")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dm", "up", "--no-bridge", "--no-flower"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        state = json.loads((tmp_path / "dm-home" / "stack.json").read_text())
+        pids = [*state["processes"].values(), *state["servers"].values()]
+        assert any("node-1 up" in line for line in lines), lines
+
+        # When the user presses Ctrl-C
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # Then it stops every process it started, and says so
+    assert proc.returncode == 0, rest
+    assert "stopped" in rest
+    assert not [pid for pid in pids if _running(pid)]
