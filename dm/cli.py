@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dm import balancer, fleet
 from dm.errors import ConfigError, DMError, RegistryUnavailable, UnknownAlgorithm, UnknownDeployment
 from dm.models import FINAL_STATES, RUNNING
 from dm.settings import Settings
+from dm.status import node_rows
 
 #: exit codes
 EXIT_OK = 0
@@ -57,7 +57,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 def cmd_up(a: argparse.Namespace) -> int:
     from dm import launcher
 
-    settings = _settings().with_(**({"min_nodes": a.nodes} if a.nodes else {}))
+    settings = _settings().with_(**({"min_nodes": a.nodes} if a.nodes is not None else {}))
     if settings.embedded and (settings.redis_url or settings.mongo_url):
         raise ConfigError("set both DM_REDIS_URL and DM_MONGO_URL, or neither (for the embedded stack)")
     stop = {"now": False}
@@ -71,6 +71,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         flower_address=a.flower_address,
         flower_port=a.flower_port,
         bridge=not a.no_bridge,
+        metrics_address=a.metrics_address,
+        metrics_port=None if a.no_metrics else a.metrics_port,
     )
     if a.detach:
         print("detached: `dm down` stops it")
@@ -100,7 +102,8 @@ def cmd_down(a: argparse.Namespace) -> int:
 def cmd_node(a: argparse.Namespace) -> int:
     from workers.agent import main
 
-    return main(a.rest)
+    rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
+    return main(rest)
 
 
 def cmd_algorithms_add(a: argparse.Namespace) -> int:
@@ -228,40 +231,6 @@ def cmd_stop(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def node_rows(ctl: Any) -> list[dict[str, Any]]:
-    s = ctl.settings
-    hashes = fleet.node_hashes(ctl.redis)
-    views = {v.id: v for v in fleet.snapshot(ctl.redis, s.reservation_settle)}
-    leases = fleet.leases(ctl.redis, hashes)
-    rows = []
-    for doc in ctl.registry.list_nodes():
-        node_id = doc["_id"]
-        h = hashes.get(node_id, {})
-        view = views.get(node_id)
-        cpu, ram = float(h.get("cpu", 0.0)), float(h.get("ram", 0.0))
-        state = h.get("state") or doc.get("state")
-        if state in ("up", "starting") and not leases.get(node_id) and "ts" in h:
-            state = "dead"  # the lease says so before the next heartbeat check does
-        rows.append(
-            {
-                "id": node_id,
-                "name": f"node-{node_id}",
-                "host": doc.get("host"),
-                "address": doc.get("address"),
-                "state": state,
-                "cpus": doc.get("cpus"),
-                "memory": doc.get("memory"),
-                "cpu": round(cpu, 1),
-                "ram": round(ram, 1),
-                "load": round(balancer.load(cpu, ram), 1),
-                "deployments": view.deployments if view else 0,
-                "committed_cpu": round(view.committed_cpu, 2) if view else 0.0,
-                "pid": doc.get("pid"),
-            }
-        )
-    return rows
-
-
 def cmd_nodes(a: argparse.Namespace) -> int:
     rows = node_rows(_control())
     if not a.all:
@@ -299,18 +268,17 @@ def _event_row(e: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_events(a: argparse.Namespace) -> int:
     ctl = _control()
+    from dm.registry import EventCursor
+
     events = ctl.registry.list_events(a.deployment, limit=a.limit)
-    last_id = events[-1]["_id"] if events else None
     for e in events:
         _print_event(e, a.json)
+    cursor = EventCursor(ctl.registry.events, {"deployment_id": a.deployment} if a.deployment else None)
+    cursor.skip(events)
     while a.follow:
         time.sleep(0.3)
-        query: dict[str, Any] = {"_id": {"$gt": last_id}} if last_id else {}
-        if a.deployment:
-            query["deployment_id"] = a.deployment
-        for e in ctl.registry.events.find(query).sort("_id", 1):
+        for e in cursor.poll():
             _print_event(e, a.json)
-            last_id = e["_id"]
     return EXIT_OK
 
 
@@ -340,6 +308,27 @@ def cmd_status(a: argparse.Namespace) -> int:
         node = f" node-{row['node']}" if row["node"] else ""
         print(f"  {row['time']} {row['deployment']} {row['state']}{node}: {row['reason']}")
     return EXIT_OK
+
+
+def cmd_watch(a: argparse.Namespace) -> int:
+    import contextlib
+    import io
+
+    from dm import watch
+
+    def render() -> str:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            cmd_status(argparse.Namespace(json=False, events=a.events))
+        return buf.getvalue()
+
+    return watch.run(render, a.interval)
+
+
+def cmd_metrics(a: argparse.Namespace) -> int:
+    from dm import metrics
+
+    return metrics.serve(_settings(), a.port, a.address, say=lambda m: print(m, flush=True))
 
 
 def cmd_logs(a: argparse.Namespace) -> int:
@@ -384,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--flower-port", type=int, default=5555)
     sp.add_argument("--no-flower", action="store_true")
     sp.add_argument("--no-bridge", action="store_true", help="do not start the Kafka bridge")
+    sp.add_argument("--metrics-address", default="127.0.0.1", help="where `dm metrics` listens")
+    sp.add_argument("--metrics-port", type=int, default=9464, help="port of dm's Prometheus /metrics")
+    sp.add_argument("--no-metrics", action="store_true", help="do not start the metrics exporter")
     add("down", cmd_down, "stop what `dm up` started")
     sp = add("node", cmd_node, "run one node agent (see `dm node -- --help`)")
     sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -411,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ids", nargs="+", metavar="ID")
     sp = add("status", cmd_status, "nodes, deployments by state and the last events", json_=True)
     sp.add_argument("--events", type=int, default=10)
+    sp = add("watch", cmd_watch, "`dm status`, redrawn every --interval seconds until Ctrl-C")
+    sp.add_argument("--interval", type=float, default=1.0)
+    sp.add_argument("--events", type=int, default=10)
+    sp = add("metrics", cmd_metrics, "serve dm's Prometheus metrics on /metrics until Ctrl-C")
+    sp.add_argument("--port", type=int, default=9464)
+    sp.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0: every interface)")
     sp = add("nodes", cmd_nodes, "list nodes", json_=True)
     sp.add_argument("--all", action="store_true", help="include stopped nodes")
     sp = add("deployments", cmd_deployments, "list deployments", json_=True)
@@ -424,10 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("logs", cmd_logs, "an algorithm's output")
     sp.add_argument("id")
     sp.add_argument("--follow", "-f", action="store_true")
+    sp = add("bridge", cmd_bridge, "run the Kafka bridge: dm.requests -> deployments, their events -> dm.events")
+    sp.add_argument("--bootstrap", help="Kafka bootstrap servers (default: DM_KAFKA_BOOTSTRAP or the `dm up` stack)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["node"]:  # the agent parses its own options (`dm node --cpus 2 ...`)
+        return cmd_node(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
@@ -453,3 +456,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dm: cannot reach the servers ({exc}); is `dm up` running?", file=sys.stderr)
             return EXIT_UNAVAILABLE
         raise
+
+
+def cmd_bridge(a: argparse.Namespace) -> int:
+    """The Kafka bridge in the foreground (more options: `python -m bridge --help`, DM_BRIDGE_*)."""
+    from bridge.main import main as bridge_main
+
+    return bridge_main(["--bootstrap", a.bootstrap] if a.bootstrap else [])

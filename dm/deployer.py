@@ -131,7 +131,13 @@ def run_payload(doc: Doc) -> dict[str, Any]:
 
 
 def dispatch(doc: Doc) -> None:
-    app.send_task("dm.run", args=[run_payload(doc)], queue=c.NODE_QUEUE_PREFIX + doc["node"])
+    app.send_task(
+        "dm.run",
+        args=[run_payload(doc)],
+        queue=c.NODE_QUEUE_PREFIX + doc["node"],
+        # what Flower shows for the task: the algorithm, the deployment and its generation
+        argsrepr=f"{doc['algorithm']} deployment={doc['_id']} generation={doc['generation']}",
+    )
 
 
 def place_pending(ctl: Control, limit: int = 100) -> int:

@@ -47,6 +47,7 @@ def check(ctl: Control, now: float | None = None) -> dict[str, Any]:
         timed_out = retry_unstarted(ctl, now)
         placed = deployer.place_pending(ctl)
         stopped = scale_in(ctl, now)
+        ctl.redis.set("dm:heartbeat:last", time.time())  # dm.metrics.HEARTBEAT_LAST_KEY: the check-lag metric
         return {"dead": sorted(dead), "failed_over": failed_over, "timed_out": timed_out,
                 "placed": placed, "scaled_in": stopped}  # fmt: skip
     finally:

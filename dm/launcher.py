@@ -1,13 +1,15 @@
 """``dm up`` / ``dm down``: the whole local system, each process stopped by its PID.
 
 ``dm up`` starts the embedded stack when no server URL is set, then the control
-worker, beat, Flower, the Kafka bridge (when a broker is known) and ``min_nodes``
-nodes, and records every PID in ``DM_HOME/stack.json`` so ``dm down`` can stop a
-detached system.
+worker, beat, Flower, dm's metrics exporter, the Kafka bridge (when a broker is
+known) and ``min_nodes`` nodes, and records every PID in ``DM_HOME/stack.json`` so
+``dm down`` can stop a detached system. Flower on a non-loopback address needs
+``DM_FLOWER_AUTH``: nothing starts without it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -21,9 +23,13 @@ from typing import Any
 from dm import embedded, fleet, node_manager
 from dm.control import Control
 from dm.errors import ConfigError, DMError
+from dm.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from dm.settings import Settings, read_stack_state, stack_state_path
 
 Say = Callable[[str], None]
+
+#: ``user:password`` for Flower's basic auth; required when Flower listens beyond loopback
+FLOWER_AUTH_VAR = "DM_FLOWER_AUTH"
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
@@ -44,18 +50,19 @@ def up(
     bridge: bool = True,
     nodes: int | None = None,
     beat: bool = True,
+    metrics_address: str = "127.0.0.1",
+    metrics_port: int | None = DEFAULT_METRICS_PORT,
 ) -> dict[str, Any]:
-    """Start everything; returns the state recorded in ``stack.json``."""
+    """Start everything; returns the state recorded in ``stack.json``.
+
+    ``metrics_port=None`` starts no metrics exporter.
+    """
     home = settings.home
-    home.mkdir(parents=True, exist_ok=True)
     existing = read_stack_state(home)
     if existing and any(_alive(pid) for pid in _pids(existing)):
         raise ConfigError(f"dm is already running under {home} (pids in {stack_state_path(home)}); `dm down` first")
-    if flower and flower_address not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("DM_FLOWER_AUTH"):
-        raise ConfigError(
-            f"Flower would listen on {flower_address} without a password: set DM_FLOWER_AUTH=user:password "
-            "or keep --flower-address 127.0.0.1"
-        )
+    flower_auth = flower_credentials(flower_address) if flower else None
+    home.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {"home": str(home), "servers": {}, "processes": {}, "started_at": time.time()}
     stack = None
     try:
@@ -70,7 +77,8 @@ def up(
             redis_url=settings.redis_url, mongo_url=settings.mongo_url, kafka_bootstrap=settings.kafka_bootstrap
         )
         _write(home, state)
-        env = {**os.environ, **settings.to_env()}
+        # the Flower password goes to Flower alone, in its environment (not on a command line `ps` shows)
+        env = {k: v for k, v in os.environ.items() if k != FLOWER_AUTH_VAR} | settings.to_env()
         ctl = Control(settings)
         ctl.registry.ping()
         ctl.registry.ensure_indexes()
@@ -83,13 +91,17 @@ def up(
         if beat:
             procs["beat"] = celery + ["beat", "-S", "celery.beat:Scheduler", "-l", "INFO"]
         if flower:
-            procs["flower"] = celery + ["flower", f"--address={flower_address}", f"--port={flower_port}"]
-            if os.environ.get("DM_FLOWER_AUTH"):
-                procs["flower"].append(f"--basic-auth={os.environ['DM_FLOWER_AUTH']}")
+            # the args column shows dm.run's payload: the deployment id and algorithm
+            procs["flower"] = celery + ["flower", f"--address={flower_address}", f"--port={flower_port}",
+                                        "--tasks-columns=name,uuid,state,args,received,runtime,worker"]  # fmt: skip
+        if metrics_port is not None:
+            procs["metrics"] = [sys.executable, "-m", "dm", "metrics",
+                                "--address", metrics_address, "--port", str(metrics_port)]  # fmt: skip
         if bridge and settings.kafka_bootstrap:
             procs["bridge"] = [sys.executable, "-m", "bridge"]
         for name, cmd in procs.items():
-            proc = _spawn(name, cmd, env, logs)
+            own_env = env | {"FLOWER_BASIC_AUTH": flower_auth} if name == "flower" and flower_auth else env
+            proc = _spawn(name, cmd, own_env, logs)
             state["processes"][name] = proc.pid
             _write(home, state)
             say(f"  {name} started (pid {proc.pid}, log {logs / (name + '.log')})")
@@ -99,16 +111,63 @@ def up(
             node_id = node_manager.add_node(ctl.with_settings(max_nodes=max(settings.max_nodes, want)))
             say(f"  node-{node_id} starting")
         _wait_nodes(ctl, want, say)
+        urls = [f"redis {settings.redis_url}", f"mongo {settings.mongo_url}"]
+        urls += [f"kafka {settings.kafka_bootstrap}"] if settings.kafka_bootstrap else []
         if flower:
-            say(f"  flower at http://{flower_address}:{flower_port}")
-        say(f"ready: redis {settings.redis_url}, mongo {settings.mongo_url}"
-            + (f", kafka {settings.kafka_bootstrap}" if settings.kafka_bootstrap else ""))  # fmt: skip
+            _wait_port("flower", state["processes"]["flower"], flower_address, flower_port, logs)
+            url = f"http://{flower_address}:{flower_port}"
+            say(f"  flower at {url} (workers node-<id>@{socket.gethostname()}"
+                + (", password required)" if flower_auth else ")"))  # fmt: skip
+            urls.append(f"flower {url}")
+        if metrics_port is not None:
+            _wait_port("metrics", state["processes"]["metrics"], metrics_address, metrics_port, logs)
+            url = f"http://{metrics_address}:{metrics_port}/metrics"
+            say(f"  metrics at {url}")
+            urls.append(f"metrics {url}")
+        say("ready: " + ", ".join(urls))
         return state
     except BaseException:
         down(home, say=lambda _m: None)
         if stack is not None:
             stack.stop()
         raise
+
+
+def flower_credentials(address: str) -> str | None:
+    """``DM_FLOWER_AUTH`` when set; refuses a non-loopback address without it (Flower has no other guard)."""
+    auth = os.environ.get(FLOWER_AUTH_VAR, "")
+    if auth and not all(user and password for user, _, password in (p.partition(":") for p in auth.split(","))):
+        raise ConfigError(f"{FLOWER_AUTH_VAR} must be user:password (several: a,b comma-separated)")
+    if not auth and not is_loopback(address):
+        raise ConfigError(
+            f"Flower would listen on {address or 'every interface'} without a password: "
+            f"set {FLOWER_AUTH_VAR}=user:password, or keep --flower-address 127.0.0.1"
+        )
+    return auth or None
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name (or "" for every interface) may resolve to anything
+
+
+def _wait_port(name: str, pid: int, address: str, port: int, logs: Path, timeout: float = 30.0) -> None:
+    """Until the process listens; a clear error when it died first (e.g. the port was taken)."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "", "localhost") else ("::1" if address == "::" else address)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise DMError(f"{name} exited at start (is port {port} taken?); see {logs / (name + '.log')}")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise DMError(f"{name} did not listen on {address}:{port} within {timeout:g}s; see {logs / (name + '.log')}")
 
 
 def _wait_nodes(ctl: Control, want: int, say: Say, timeout: float = 60.0) -> None:

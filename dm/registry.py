@@ -40,6 +40,40 @@ def new_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+class EventCursor:
+    """Reads the events collection incrementally, in time order, each event once.
+
+    Not by ``_id``: ObjectIds made by different processes need not sort in insert order,
+    so each poll re-reads the last ``overlap`` seconds and skips the ids it has seen.
+    """
+
+    def __init__(self, events: Collection[Doc], query: Doc | None = None, overlap: float = 10.0) -> None:
+        self.events = events
+        self.query = dict(query or {})
+        self.overlap = overlap
+        self.high = 0.0  # time of the newest event seen
+        self.seen: dict[Any, float] = {}  # _id -> time, of the events in the overlap
+
+    def skip(self, events: list[Doc]) -> None:
+        """Mark events as read (e.g. the ones shown before following)."""
+        for event in events:
+            self.seen[event["_id"]] = event["time"]
+            self.high = max(self.high, event["time"])
+
+    def poll(self) -> list[Doc]:
+        query = dict(self.query)
+        if self.high:
+            query["time"] = {"$gte": self.high - self.overlap}
+        new = []
+        for event in self.events.find(query).sort([("time", 1), ("rev", 1)]):
+            if event["_id"] not in self.seen:
+                new.append(event)
+        self.skip(new)
+        old = self.high - self.overlap
+        self.seen = {oid: t for oid, t in self.seen.items() if t >= old}
+        return new
+
+
 class Registry:
     def __init__(self, mongo_url: str, database: str = "dm") -> None:
         self.db: Database[Doc] = mongo_client(mongo_url)[database]
@@ -251,7 +285,138 @@ class Registry:
         return {row["_id"]: row["n"] for row in rows}
 
     def list_events(self, deployment_id: str | None = None, limit: int = 50) -> list[Doc]:
-        query: Doc = {"deployment_id": deployment_id} if deployment_id else {}
-        rows = list(self.events.find(query).sort("_id", -1).limit(limit))
+        """The last ``limit`` events; one deployment's in ``rev`` order, all in time order.
+
+        Not by ``_id``: ObjectIds made by different processes need not sort in insert order.
+        """
+        if deployment_id:
+            rows = list(self.events.find({"deployment_id": deployment_id}).sort("rev", -1).limit(limit))
+        else:
+            rows = list(self.events.find({}).sort([("time", -1), ("rev", -1)]).limit(limit))
         rows.reverse()
         return rows
+
+    # -- the Kafka bridge: bulk intake, event publishing ---------------------------------
+
+    def create_deployments(self, items: list[tuple[DeployRequest, Doc]]) -> list[tuple[Doc, bool]]:
+        """Record ``pending`` deployments with one ``insert_many``; idempotent on request id.
+
+        ``items`` are (request, algorithm document) with distinct request ids. Returns
+        (deployment, created) per item, in order: a request id already recorded gives back
+        the first deployment, and writes again its ``pending`` event if a crash lost it.
+        """
+        from pymongo.errors import BulkWriteError
+
+        docs = [self._pending_doc(request, algorithm) for request, algorithm in items]
+        refused: list[int] = []
+        try:
+            if docs:
+                self.deployments.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != 11000 for e in errors):
+                raise
+            refused = sorted(int(e["index"]) for e in errors)
+        results: list[tuple[Doc, bool]] = [(doc, True) for doc in docs]
+        existing: list[Doc] = []
+        if refused:
+            query = {"request_id": {"$in": [docs[i]["request_id"] for i in refused]}}
+            found = {d["request_id"]: d for d in self.deployments.find(query)}
+            existing = list(found.values())
+            for i in refused:
+                if docs[i]["request_id"] in found:
+                    results[i] = (found[docs[i]["request_id"]], False)
+                else:  # a clash of the random _id, not of the request id: again, with a new id
+                    results[i] = self.create_deployments([items[i]])[0]
+        inserted = set(range(len(docs))) - set(refused)
+        self._first_events([docs[i] for i in sorted(inserted)], existing)
+        return results
+
+    def _pending_doc(self, request: DeployRequest, algorithm: Doc) -> Doc:
+        # the same document as create_deployment's
+        spec, now, dep_id = algorithm["spec"], time.time(), new_id()
+        return {
+            "_id": dep_id,
+            "request_id": request.request_id or dep_id,
+            "algorithm": algorithm["name"],
+            "version": algorithm["version"],
+            "sha256": algorithm["sha256"],
+            "args": request.args,
+            "command": spec["command"],
+            "env": spec.get("env") or {},
+            "demand": spec["demand"],
+            "restart": spec["restart"],
+            "state": PENDING,
+            "node": None,
+            "generation": 0,
+            "rev": 0,
+            "pid": None,
+            "restarts": 0,
+            "exit_code": None,
+            "reason": "requested",
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    def _first_events(self, created: list[Doc], existing: list[Doc]) -> None:
+        """Write the rev-0 ``pending`` event of each new deployment, and of existing ones that lack it.
+
+        Its ``_id`` is derived from the deployment (creation second + a hash of its id), so
+        writing it twice is refused by the ``_id`` index: two bridges racing on one request
+        record one event.
+        """
+        import hashlib
+
+        from bson import ObjectId
+        from pymongo.errors import BulkWriteError
+
+        missing = existing
+        if existing:
+            query = {"deployment_id": {"$in": [d["_id"] for d in existing]}, "rev": 0}
+            have = {e["deployment_id"] for e in self.events.find(query, {"deployment_id": 1})}
+            missing = [d for d in existing if d["_id"] not in have]
+        rows = []
+        for doc in created + missing:
+            oid = int(doc["created_at"]).to_bytes(4, "big") + hashlib.sha256(doc["_id"].encode()).digest()[:8]
+            rows.append(
+                {
+                    "_id": ObjectId(oid),
+                    "deployment_id": doc["_id"],
+                    "request_id": doc["request_id"],
+                    "algorithm": doc["algorithm"],
+                    "state": PENDING,
+                    "node": None,
+                    "generation": 0,
+                    "rev": 0,
+                    "time": doc["created_at"],
+                    "reason": "requested",
+                    "exit_code": None,
+                    "published": False,
+                }
+            )
+        try:
+            if rows:
+                self.events.insert_many(rows, ordered=False)
+        except BulkWriteError as exc:
+            if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
+                raise
+
+    def unpublished_events(self, limit: int = 0, deployment_ids: Iterable[str] | None = None) -> list[Doc]:
+        """The oldest events not yet published to Kafka (of these deployments only, if given)."""
+        query: Doc = {"published": False}
+        if deployment_ids is not None:
+            query["deployment_id"] = {"$in": list(deployment_ids)}
+        return list(self.events.find(query).sort("_id", 1).limit(limit))
+
+    def published_revs(self, deployment_ids: Iterable[str]) -> dict[str, int]:
+        """The highest published rev of each deployment that has one."""
+        query = {"deployment_id": {"$in": list(deployment_ids)}, "published": True}
+        revs: dict[str, int] = {}
+        for e in self.events.find(query, {"deployment_id": 1, "rev": 1}):
+            revs[e["deployment_id"]] = max(int(e["rev"]), revs.get(e["deployment_id"], -1))
+        return revs
+
+    def mark_published(self, event_ids: list[Any], chunk: int = 100) -> None:
+        # small chunks: this server's cost for a long $in grows faster than its length
+        for i in range(0, len(event_ids), chunk):
+            self.events.update_many({"_id": {"$in": event_ids[i : i + chunk]}}, {"$set": {"published": True}})

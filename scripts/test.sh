@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 VENV="${DM_VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+./scripts/ci-deps.sh   # headless Chromium for the browser test (Debian packages; quick when present)
 echo "== ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

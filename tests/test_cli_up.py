@@ -23,7 +23,7 @@ def test_up_deploy_wait_down_on_the_embedded_stack(tmp_path: Path):
     # Given a fresh DM_HOME and no server URLs: dm up starts its own servers
     env = {k: v for k, v in os.environ.items() if not k.startswith("DM_")}
     env["DM_HOME"] = str(tmp_path / "dm-home")
-    up = run(env, "up", "--detach", "--flower-port", str(free_port()))
+    up = run(env, "up", "--detach", "--flower-port", str(free_port()), "--metrics-port", str(free_port()))
     state_file = tmp_path / "dm-home" / "stack.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     try:
@@ -64,7 +64,7 @@ def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DM_")}
     env["DM_HOME"] = str(tmp_path / "dm-home")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dm", "up", "--no-bridge", "--no-flower"],
+        [sys.executable, "-m", "dm", "up", "--no-bridge", "--no-flower", "--no-metrics"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
