@@ -33,6 +33,8 @@ from typing import Any
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
+#: the machine's 1-minute load average when the benchmark started (other work shows here)
+LOAD_AT_START = os.getloadavg()[0]
 DOC = ROOT / "docs" / "benchmarks-core.md"
 #: the queue of the baseline worker
 BASELINE_QUEUE = "bench.baseline"
@@ -179,6 +181,7 @@ class Harness:
             try:
                 import pymongo
 
+                client: pymongo.MongoClient[dict[str, Any]]
                 with pymongo.MongoClient(self.stack.mongo_url, serverSelectionTimeoutMS=3000) as client:
                     client.drop_database(self.database)
             except Exception:
@@ -227,7 +230,8 @@ def machine() -> str:
     except ImportError:
         pass
     cores = os.cpu_count() or 0
-    return f"{cores} cores ({model or platform.processor() or platform.machine()}){mem}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    cpu = model or platform.processor() or platform.machine()
+    return f"{cores} cores ({cpu}){mem}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -261,7 +265,8 @@ def write_section(name: str, title: str, body: str) -> Path:
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = (
         f"{begin}\n## {title}\n\n"
-        f"Run on {date.today().isoformat()}; machine: {machine()}.\n\n"
+        f"Run on {date.today().isoformat()}; machine: {machine()}; 1-min load average "
+        f"{LOAD_AT_START:.2f} at the start (before the run's own processes).\n\n"
         f"```sh\n{command_line()}\n```\n\n{body.strip()}\n{end}"
     )
     sections = {

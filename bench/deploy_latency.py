@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import argparse
 import random
+import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import (  # noqa: E402
+from bench._common import (
     Harness,
+    baseline_app,
     baseline_worker_cmd,
     percentile,
     popen,
@@ -101,7 +104,8 @@ def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids:
     for node_id in node_ids:
         h.spawn(f"node-{node_id}", [sys.executable, "-m", "workers", "--id", node_id, "--cpus", "64",
                                     "--memory", "65536"])  # fmt: skip
-    h.spawn("baseline", baseline_worker_cmd())
+    baseline = f"baseline-{uuid.uuid4().hex[:6]}"
+    h.spawn("baseline", baseline_worker_cmd(name=baseline))
     r = redis.Redis.from_url(h.stack.redis_url, decode_responses=True)
 
     def nodes_up() -> bool:
@@ -109,6 +113,10 @@ def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids:
         return all(r.hget(c.NODE_KEY.format(n), "state") == "up" for n in node_ids)
 
     wait_for(nodes_up, 90, f"{args.nodes} node(s) up")
+    wait_for(
+        lambda: baseline_app.control.ping(destination=[f"{baseline}@{socket.gethostname()}"], timeout=0.5),
+        60, "the baseline worker to answer a ping",
+    )  # fmt: skip
     print(f"stack, control worker, beat, {args.nodes} node(s) and the baseline worker up; "
           f"{args.warmup} warm-up + {args.count} measured deployments ...", flush=True)  # fmt: skip
 
@@ -185,13 +193,13 @@ def report(args: argparse.Namespace, f: dict[str, list[float]], elapsed: float) 
          row("dm: `deploy.delay` -> `running` event", f["dm"])],
     )  # fmt: skip
     split = table(
-        ["phase of the dm path (event times)", "p50 ms", "p99 ms"],
+        ["phase of the dm path (between event stamps)", "p50 ms", "p99 ms"],
         [
-            ["`delay` -> `pending` recorded (broker hop to the control worker, submit)",
+            ["`delay` -> `pending` (broker hop to the control worker, algorithm lookup)",
              ms(percentile(f["submit"], 50)), ms(percentile(f["submit"], 99))],
-            ["`pending` -> `scheduled` (place: lock, snapshot, choose, CAS write)",
+            ["`pending` -> `scheduled` (deployment + event inserts, read, lock, snapshot, choose)",
              ms(percentile(f["place"], 50)), ms(percentile(f["place"], 99))],
-            ["`scheduled` -> `running` (dispatch hop to the node, supervisor, Popen, report)",
+            ["`scheduled` -> `running` (CAS + event, allocate, dispatch hop, node: read, spawn)",
              ms(percentile(f["start"], 50)), ms(percentile(f["start"], 99))],
         ],
     )  # fmt: skip
@@ -202,7 +210,8 @@ def report(args: argparse.Namespace, f: dict[str, list[float]], elapsed: float) 
         f"start with {args.count} processes already up. {args.nodes} node agent(s) of 64 cpus / 64 GiB "
         "(placement never adds one); control worker (`-P threads -c 8`, as `dm up` starts it) and beat "
         "running. The algorithm is `/bin/sleep` (cpu 0.01, memory 1); the baseline starts the same "
-        f"command. Same Redis for both. Run time {elapsed:.0f} s."
+        "command. Same Redis for both. An event's `time` is stamped when its write is issued, so each "
+        f"phase holds the writes that follow its first stamp. Run time {elapsed:.0f} s."
     )
     print()
     print(main_table)

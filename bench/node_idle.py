@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import Harness, baseline_app, baseline_worker_cmd, table, verdict, wait_for, write_section  # noqa: E402
+from bench._common import Harness, baseline_app, baseline_worker_cmd, table, verdict, wait_for, write_section
 
 GOAL_RSS_MB = 80.0
 GOAL_CPU_PERCENT = 1.0

@@ -143,7 +143,7 @@ def _listens(pid: int, port: int) -> bool:
     return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
 
 
-def _start(name: str, home: Path, argv: list[str], url: str, port: int | None) -> Server:
+def _start(name: str, home: Path, argv: list[str], url: str, port: int | None, host: str = "127.0.0.1") -> Server:
     """Run `argv` with "{port}" filled in, wait until the server answers; retry on a port clash."""
     log = home / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def _start(name: str, home: Path, argv: list[str], url: str, port: int | None) -
             while process.poll() is None and time.monotonic() - started < timeout:
                 try:
                     if _listens(process.pid, chosen):
-                        _probe(name, chosen)
+                        _probe(name, chosen, *([host] if host != "127.0.0.1" else []))
                         if process.poll() is None:
                             server.startup_seconds = time.monotonic() - started
                             return server
@@ -178,19 +178,19 @@ def _start(name: str, home: Path, argv: list[str], url: str, port: int | None) -
             continue  # another process took the port between our check and its bind
         what = f"exited with code {process.returncode}" if exited else f"did not answer within {timeout:g}s ({error})"
         raise ConfigError(
-            f"the embedded {name} {what} on 127.0.0.1:{chosen}.\ncommand: {shlex.join(cmd)}\nlast lines of "
+            f"the embedded {name} {what} on {host}:{chosen}.\ncommand: {shlex.join(cmd)}\nlast lines of "
             f"{log}:\n{tail}\nFix what the log says, or set the DM_* URLs to use running servers instead."
         )
     raise AssertionError("unreachable")
 
 
-def _probe(name: str, port: int) -> None:
+def _probe(name: str, port: int, host: str = "127.0.0.1") -> None:
     """Ask the server something that only a ready `name` answers; raise while it cannot."""
     if name == "redis":
-        with closing(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)) as client:
+        with closing(redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1)) as client:
             client.ping()
     elif name == "mongo":
-        with pymongo.MongoClient[dict[str, Any]]("127.0.0.1", port, serverSelectionTimeoutMS=1000) as mongo:
+        with pymongo.MongoClient[dict[str, Any]](host, port, serverSelectionTimeoutMS=1000) as mongo:
             mongo.admin.command("ping")
     else:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -198,21 +198,23 @@ def _probe(name: str, port: int) -> None:
             admin.list_topics()
 
 
-def start_redis(home: Path, *, persistent: bool = False, port: int | None = None) -> Server:
-    """Redis with its files in <home>/redis; `persistent` keeps an append-only file there."""
+def start_redis(home: Path, *, persistent: bool = False, port: int | None = None, bind: str = "127.0.0.1") -> Server:
+    """Redis with its files in <home>/redis; `persistent` keeps an append-only file there.
+
+    `bind` is the one address it listens on (another host's nodes need a routable one)."""
     (home / "redis").mkdir(parents=True, exist_ok=True)
-    flags = f"--port {{port}} --bind 127.0.0.1 --appendonly {'yes' if persistent else 'no'} --protected-mode no"
+    flags = f"--port {{port}} --bind {bind} --appendonly {'yes' if persistent else 'no'} --protected-mode no"
     argv = [find_redis_server(), *flags.split(), "--save", "", "--dir", str(home / "redis")]
-    return _start("redis", home, argv, "redis://127.0.0.1:{port}/0", port)
+    return _start("redis", home, argv, f"redis://{bind}:{{port}}/0", port, bind)
 
 
-def start_mongo(home: Path, *, port: int | None = None) -> Server:
-    """SecantusDB (the MongoDB wire protocol) with its data in <home>/mongo."""
+def start_mongo(home: Path, *, port: int | None = None, bind: str = "127.0.0.1") -> Server:
+    """SecantusDB (the MongoDB wire protocol) with its data in <home>/mongo, listening on `bind`."""
     (home / "mongo").mkdir(parents=True, exist_ok=True)
     (config := home / "secantusd.toml").touch()  # a config of its own, so none in ~/.secantus is read
-    flags = ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "WARNING", "--config"]
+    flags = ["--host", bind, "--port", "{port}", "--log-level", "WARNING", "--config"]
     argv = [find_secantusd(), *flags, str(config), "--storage-path", str(home / "mongo")]
-    return _start("mongo", home, argv, "mongodb://127.0.0.1:{port}/", port)
+    return _start("mongo", home, argv, f"mongodb://{bind}:{{port}}/", port, bind)
 
 
 def start_kafka(home: Path, *, port: int | None = None) -> Server:

@@ -33,17 +33,21 @@ NODE_START_GRACE = 30.0
 IDLE_KEY = "dm:idle_since"
 #: Redis hash: node id -> time its presence connection was first seen missing
 ABSENT_KEY = "dm:absent_since"
+#: seconds the heartbeat lock lives: a check cut short by a Redis restart (the lock kept
+#: in its append-only file) must not hold up the next ones for long
+LOCK_TIMEOUT = 10
 
 
 def check(ctl: Control, now: float | None = None) -> dict[str, Any]:
     """One pass; returns what it did (for logs and tests)."""
-    lock = ctl.redis.lock(c.HEARTBEAT_LOCK, timeout=30, blocking=False)
+    lock = ctl.redis.lock(c.HEARTBEAT_LOCK, timeout=LOCK_TIMEOUT, blocking=False)
     if not lock.acquire():
         return {"skipped": True}
     try:
         now = time.time() if now is None else now
         dead = find_dead_nodes(ctl, now)
         failed_over = sum(fail_over(ctl, node_id, reason) for node_id, reason in dead.items())
+        failed_over += finish_fail_overs(ctl)
         timed_out = retry_unstarted(ctl, now)
         placed = deployer.place_pending(ctl)
         stopped = scale_in(ctl, now)
@@ -90,6 +94,9 @@ def _connection_gone(ctl: Control, up: list[str], now: float) -> set[str]:
     present = fleet.present_nodes(ctl.redis)
     if present is None:
         return set()
+    if int(ctl.redis.info("server").get("uptime_in_seconds", 0)) < 2 * ctl.settings.lease_ttl:
+        ctl.redis.delete(ABSENT_KEY)  # Redis just (re)started: every node is still reconnecting
+        return set()
     missing = [node_id for node_id in up if node_id not in present]
     seen = ctl.redis.hgetall(ABSENT_KEY)
     stale = [node_id for node_id in seen if node_id not in missing]
@@ -109,6 +116,11 @@ def fail_over(ctl: Control, node_id: str, reason: str) -> int:
         return 0  # another checker got there first
     fleet.set_state(ctl.redis, node_id, DEAD)
     log.warning("%s: failing over its deployments", reason)
+    return move_deployments(ctl, node_id, reason)
+
+
+def move_deployments(ctl: Control, node_id: str, reason: str) -> int:
+    """Each active deployment of a dead node ``lost`` and placed again (compare-and-sets all)."""
     moved = 0
     for doc in ctl.registry.list_deployments([*ACTIVE_STATES, STOPPING], node=node_id):
         if doc["state"] == STOPPING:
@@ -122,6 +134,18 @@ def fail_over(ctl: Control, node_id: str, reason: str) -> int:
             moved += 1
     ctl.redis.delete(c.ALLOC_KEY.format(node_id))
     return moved
+
+
+def finish_fail_overs(ctl: Control) -> int:
+    """Move what a fail-over cut short (by an outage of MongoDB or Redis) left on a dead node."""
+    dead = [node_id for node_id, h in fleet.node_hashes(ctl.redis).items() if h.get("state") == DEAD]
+    if not dead:
+        return 0
+    query = {"node": {"$in": dead}, "state": {"$in": [*ACTIVE_STATES, STOPPING]}}
+    return sum(
+        move_deployments(ctl, node_id, f"node-{node_id} is dead")
+        for node_id in ctl.registry.deployments.distinct("node", query)
+    )
 
 
 def retry_unstarted(ctl: Control, now: float) -> int:
@@ -153,8 +177,11 @@ def scale_in(ctl: Control, now: float) -> list[str]:
         since = idle_since.get(view.id)
         if since is None:
             ctl.redis.hset(IDLE_KEY, view.id, now)
-        elif now - since >= s.idle_timeout and len(views) - len(stopped) > s.min_nodes:
-            node_manager.stop_node(ctl, view.id)
+        elif (
+            now - since >= s.idle_timeout
+            and len(views) - len(stopped) > s.min_nodes
+            and node_manager.stop_node(ctl, view.id)  # False for a node started by hand
+        ):
             ctl.redis.hdel(IDLE_KEY, view.id)
             stopped.append(view.id)
     return stopped

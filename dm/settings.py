@@ -37,6 +37,12 @@ class Settings:
     node_cpus: float = c.DEFAULT_NODE_CPUS
     node_memory: float = c.DEFAULT_NODE_MEMORY
     provider: str = "local"
+    #: provider ``command``: the template that starts a node elsewhere (see dm/providers/command.py)
+    node_start_command: str = ""
+    #: provider ``command``: the template that stops one
+    node_stop_command: str = ""
+    #: provider ``command``: the hosts to start nodes on, comma- or space-separated
+    node_hosts: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:

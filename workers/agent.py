@@ -3,6 +3,12 @@ supervises its algorithms, and runs a Celery worker on ``node.<id>`` (threads po
 
 On SIGTERM it stops its algorithms and hands their deployments back to the control
 plane at once (``lost`` -> placed again), rather than waiting for the lease to expire.
+
+On another host, ``dm node --redis URL --mongo URL`` registers the node itself with the
+address it reaches Redis from and its capacity (the whole host with ``--host-wide``).
+It waits for Redis and MongoDB at start, and rides out their outages later: the lease
+is renewed again as soon as Redis answers, reports are kept until MongoDB does, and
+a node that was declared dead meanwhile kills what it ran and rejoins empty.
 """
 
 from __future__ import annotations
@@ -12,9 +18,13 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from celery import signals
+from pymongo.errors import PyMongoError
+from redis.exceptions import RedisError
 
 from dm import constants as c
 from dm import fleet, node_manager
@@ -23,19 +33,28 @@ from dm.control import Control
 from dm.models import ACTIVE_STATES, LOST
 from dm.settings import Settings
 from workers import tasks, watchdog
-from workers.metrics import HostSampler, Presence, Publisher, TreeSampler
+from workers.metrics import HostSampler, Presence, Publisher, TreeSampler, host_capacity, lease_client
 from workers.supervisor import Supervisor
 
 log = logging.getLogger("dm.node")
+
+T = TypeVar("T")
+#: the longest wait between two attempts to reach Redis or MongoDB at start
+START_BACKOFF_MAX = 10.0
+#: a node's MongoDB calls give up after this long on a silent link (a partition), unless
+#: the URL says otherwise: the supervisor must not hang on a socket that gets no answer
+MONGO_SOCKET_TIMEOUT_MS = 10_000
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dm node", description="Run one dm node agent.")
     p.add_argument("--id", help="node id (default: a new one from the registry)")
-    p.add_argument("--cpus", type=float, help="declared capacity in cores (default: DM_NODE_CPUS or 1)")
-    p.add_argument("--memory", type=float, help="declared capacity in MiB (default: DM_NODE_MEMORY or 1024)")
+    p.add_argument("--cpus", type=float, help="declared capacity in cores (default: the host's with --host-wide, "
+                   "else DM_NODE_CPUS or 1)")  # fmt: skip
+    p.add_argument("--memory", type=float, help="declared capacity in MiB (default: the host's with --host-wide, "
+                   "else DM_NODE_MEMORY or 1024)")  # fmt: skip
     p.add_argument("--host-wide", action="store_true", help="this node owns its host: report host-wide usage")
-    p.add_argument("--address", default="", help="address to report (default: this host's)")
+    p.add_argument("--address", default="", help="address to report (default: the one this host reaches Redis from)")
     p.add_argument("--concurrency", type=int, default=4, help="task threads (default 4)")
     p.add_argument("--redis", help="Redis URL (default: DM_REDIS_URL)")
     p.add_argument("--mongo", help="MongoDB URL (default: DM_MONGO_URL)")
@@ -48,53 +67,58 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.loglevel, format="%(asctime)s node %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(redis_url=args.redis, mongo_url=args.mongo)
     settings.require_servers()
+    settings = settings.with_(mongo_url=bounded(settings.mongo_url))
     if args.redis or args.mongo:
         app.conf.broker_url = app.conf.result_backend = settings.redis_url
     ctl = Control(settings)
     r = ctl.redis
-    node_id = args.id or str(r.incr(node_manager.NODE_SEQ_KEY))
+    node_id = args.id or str(_until_reachable("Redis", lambda: r.incr(node_manager.NODE_SEQ_KEY)))
     # forked before any thread exists (pymongo starts some): it only reads a file and kills
     fence_file = settings.home / "nodes" / f"node-{node_id}.fence"
     fence_file.parent.mkdir(parents=True, exist_ok=True)
     watchdog.write_state(fence_file, time.time() + settings.lease_ttl, [])
     watchdog.start(fence_file)
-    cpus = args.cpus or settings.node_cpus
-    memory = args.memory or settings.node_memory
+    own_cpus, own_memory = host_capacity() if args.host_wide else (settings.node_cpus, settings.node_memory)
+    cpus = args.cpus or own_cpus
+    memory = args.memory or own_memory
     host = socket.gethostname()
-    address = args.address or _address()
-    fleet.register_node(r, node_id, cpus=cpus, memory=memory, state=node_manager.STARTING, host=host, address=address)
-    ctl.registry.upsert_node(
-        node_id,
-        state=node_manager.STARTING,
-        host=host,
-        address=address,
-        cpus=cpus,
-        memory=memory,
-        pid=os.getpid(),
+    address = args.address or own_address(settings.redis_url)
+    _until_reachable(
+        "Redis",
+        lambda: fleet.register_node(
+            r, node_id, cpus=cpus, memory=memory, state=node_manager.STARTING, host=host, address=address
+        ),
     )
+    known = _until_reachable("MongoDB", lambda: ctl.registry.get_node(node_id))
+    # started by hand unless a provider recorded itself when it started this node
+    provider = (known or {}).get("provider") or "static"
+    record = {"state": node_manager.STARTING, "host": host, "address": address, "cpus": cpus, "memory": memory,
+              "pid": os.getpid(), "provider": provider, "host_wide": bool(args.host_wide)}  # fmt: skip
+    _until_reachable("MongoDB", lambda: ctl.registry.upsert_node(node_id, **record))
     supervisor = Supervisor(ctl, node_id)
     supervisor.start()
     tasks.supervisor = supervisor
     sampler = HostSampler() if args.host_wide else TreeSampler(cpus, memory)
 
     def rejoin() -> None:
-        # declared dead while it could not renew (frozen, cut off): whatever it ran has moved on
+        # declared dead while it could not renew (frozen, cut off): whatever it ran has moved on.
+        # Redis last: until both stores say up, the next renewal sees "dead" and tries again
         supervisor.fence_all("this node was declared dead")
-        fleet.set_state(r, node_id, node_manager.UP)
         ctl.registry.set_node_state(node_id, node_manager.UP)
+        fleet.set_state(r, node_id, node_manager.UP)
         log.warning("node-%s was declared dead; it killed its algorithms and rejoins empty", node_id)
 
     publisher = Publisher(
-        r,
+        lease_client(settings.redis_url, settings.lease_ttl),
         node_id,
         sampler,
         interval=min(settings.metrics_interval, settings.lease_ttl / 3),
         lease_ttl=settings.lease_ttl,
-        on_fence=supervisor.fence_all,
+        on_fence=supervisor.lapse,
         on_renew=supervisor.renewed,
         on_dead=rejoin,
     )
-    publisher.publish_once()
+    _until_reachable("Redis", publisher.publish_once)
     publisher.start()
     Presence(settings.redis_url, node_id).start()
 
@@ -144,8 +168,40 @@ def handover(ctl: Control, node_id: str, supervisor: Supervisor) -> None:
     log.warning("node-%s stopped", node_id)
 
 
-def _address() -> str:
+def own_address(redis_url: str) -> str:
+    """The address this host reaches Redis from (the one other hosts see), else its name's."""
+    url = urlparse(redis_url)
+    if url.hostname and url.scheme in ("redis", "rediss"):
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in url.hostname else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((url.hostname, url.port or 6379))  # UDP: picks the route, sends nothing
+                address = str(s.getsockname()[0])
+            if not address.startswith("127.") and address != "::1":
+                return address
+        except OSError:
+            pass
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+def bounded(mongo_url: str) -> str:
+    """The MongoDB URL with a socket timeout, when it sets none."""
+    if "sockettimeoutms" in mongo_url.lower():
+        return mongo_url
+    url = urlsplit(mongo_url)
+    query = "&".join(q for q in (url.query, f"socketTimeoutMS={MONGO_SOCKET_TIMEOUT_MS}") if q)
+    return urlunsplit((url.scheme, url.netloc, url.path or "/", query, url.fragment))
+
+
+def _until_reachable(what: str, step: Callable[[], T]) -> T:
+    """Run ``step`` until ``what`` answers, waiting longer after each failure."""
+    delay = 0.5
+    while True:
+        try:
+            return step()
+        except (RedisError, PyMongoError, OSError) as exc:
+            log.warning("cannot reach %s yet (%s); trying again in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, START_BACKOFF_MAX)

@@ -2,6 +2,11 @@
 
 A local node (one of several on a machine) measures its own process tree (agent and
 algorithms) against its declared capacity; a node that owns its host measures the host.
+
+The lease is renewed over a connection of its own with short timeouts and no retries
+inside redis-py: while Redis is out of reach the publisher notices within a third of
+the TTL, keeps trying once per interval (a renewal must land as soon as Redis is back),
+and asks the supervisor to kill the algorithms once it has been silent for the fence time.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import Callable
 
 import psutil
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from dm import fleet
 from dm.models import MetricsSample
@@ -60,6 +67,20 @@ class HostSampler:
 
     def sample(self) -> tuple[float, float]:
         return psutil.cpu_percent(None), psutil.virtual_memory().percent
+
+
+def lease_client(url: str, lease_ttl: float) -> redis.Redis:
+    """A Redis client for lease renewals: it fails fast, so the caller decides when to retry."""
+    timeout = max(0.2, lease_ttl / 3)
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0), health_check_interval=0,
+    )  # fmt: skip
+
+
+def host_capacity() -> tuple[float, float]:
+    """This host's cores and memory (MiB), for a node that owns its host."""
+    return float(psutil.cpu_count() or 1), psutil.virtual_memory().total / (1024 * 1024)
 
 
 class Publisher(threading.Thread):
@@ -116,9 +137,9 @@ class Publisher(threading.Thread):
                 if self.fenced:
                     log.warning("node-%s reaches Redis again", self.node_id)
                     self.fenced = False
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # a store out of reach; this thread must outlive any error
                 silent = time.monotonic() - self.last_renewed
-                log.warning("node-%s cannot renew its lease (%.1fs): %s", self.node_id, silent, exc)
+                log.warning("node-%s: lease renewed %.1fs ago: %r", self.node_id, silent, exc)
                 if silent >= self.fence_after and not self.fenced:
                     self.fenced = True
                     self.on_fence(f"lease not renewed for {silent:.1f}s")
@@ -135,14 +156,21 @@ class Presence(threading.Thread):
     the heartbeat manager takes that as a faster signal than the lease expiring.
     """
 
+    #: seconds each blocked call lasts: a connection the server forgot (a restart during a
+    #: partition) is found out on the next call, not never
+    POLL = 5
+
     def __init__(self, url: str, node_id: str) -> None:
         super().__init__(name=f"dm-presence-{node_id}", daemon=True)
-        self.client = redis.Redis.from_url(url, client_name=fleet.presence_name(node_id), socket_keepalive=True)
+        self.client = redis.Redis.from_url(
+            url, client_name=fleet.presence_name(node_id), socket_keepalive=True, socket_timeout=self.POLL * 2,
+            socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
+        )  # fmt: skip
         self.key = f"dm:presence:{node_id}"
 
     def run(self) -> None:
         while True:
             try:
-                self.client.blpop([self.key], timeout=0)
+                self.client.blpop([self.key], timeout=self.POLL)
             except (redis.RedisError, OSError):
-                time.sleep(0.2)
+                time.sleep(0.2)  # reconnect at once when Redis is back: the heartbeat looks for this name

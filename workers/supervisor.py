@@ -6,6 +6,11 @@ spawning *thread* exits) ties them to the agent's life. Each exit is noticed at
 once and handled by the deployment's restart policy; every report to the registry
 is a compare-and-set on the deployment's generation, and a refused report kills
 the process it speaks for (the fence against running one deployment twice).
+
+Reports go through an outbox that keeps them while the registry is out of reach.
+When the lease lapses (this node cannot prove it still owns its algorithms) the
+algorithms are killed, and each deployment is reported ``lost`` so it is placed
+again; nothing is started until the lease is renewed.
 """
 
 from __future__ import annotations
@@ -24,10 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dm import deployer
 from dm.control import Control
-from dm.models import FAILED, RESTARTING, RUNNING, SCHEDULED, STOPPED, STOPPING, SUCCEEDED, RestartPolicy
+from dm.models import (
+    ACTIVE_STATES,
+    FAILED,
+    LOST,
+    RESTARTING,
+    RUNNING,
+    SCHEDULED,
+    STOPPED,
+    STOPPING,
+    SUCCEEDED,
+    RestartPolicy,
+)
 from dm.package import unpack
+from dm.registry import Doc
+from workers.outbox import UNREACHABLE, Outbox
 from workers.watchdog import FENCE_FRACTION, write_state
 
 log = logging.getLogger(__name__)
@@ -37,6 +54,8 @@ PR_SET_PDEATHSIG = 1
 KILL_GRACE = 5.0
 #: seconds between checks that each process still belongs to the current generation
 FENCE_CHECK_INTERVAL = 2.0
+#: seconds before trying again a start that waits for the lease or the registry
+START_RETRY = 0.5
 
 _libc: Any = None
 
@@ -54,10 +73,13 @@ class Proc:
     package: Path
     popen: subprocess.Popen[bytes] | None = None
     restarts: int = 0
-    #: why it is being killed: "stop" (by request), "fence" (no longer ours), "shutdown"
+    #: why it is being killed: "stop" (by request), "fence" (no longer ours), "shutdown",
+    #: "lapse" (the lease lapsed: reported lost, to be placed again)
     killing: str | None = None
     kill_deadline: float = 0.0
     restart_at: float | None = None
+    #: the registry state a start expects: scheduled, or restarting for a restart
+    expect: str = SCHEDULED
     started: float = field(default_factory=time.time)
 
     @property
@@ -88,8 +110,11 @@ class Supervisor(threading.Thread):
         self.fence_file = self.home / "nodes" / f"node-{node_id}.fence"
         self.fence_file.parent.mkdir(parents=True, exist_ok=True)
         self.valid_until = time.time() + ctl.settings.lease_ttl * FENCE_FRACTION
+        #: when the lease was last seen lapsed (the watchdog killed everything then)
+        self.lapsed_at = 0.0
         self._fence_lock = threading.Lock()
         self._write_fence()
+        self.outbox = Outbox(ctl, node_id)
 
     # -- called from other threads ------------------------------------------------
 
@@ -107,8 +132,15 @@ class Supervisor(threading.Thread):
         self.orders.put(("kill", (dep_id, generation, reason)))
 
     def fence_all(self, reason: str) -> None:
-        """Kill every algorithm: this node can no longer prove it still owns them."""
+        """Kill every algorithm without a report: the registry has given them to other nodes."""
         self.orders.put(("fence_all", reason))
+
+    def lapse(self, reason: str) -> None:
+        """Kill every algorithm and report each ``lost``: this node cannot prove it still owns them."""
+        self.orders.put(("lapse", reason))
+
+    def lapsed(self) -> bool:
+        return time.time() > self.valid_until
 
     def shutdown(self, timeout: float = KILL_GRACE + 2) -> list[dict[str, Any]]:
         """Stop every algorithm and the thread; returns the payloads that were running."""
@@ -121,6 +153,8 @@ class Supervisor(threading.Thread):
 
     def renewed(self, valid_until: float) -> None:
         """The lease was renewed: the algorithms may run until ``valid_until``."""
+        if self.lapsed():
+            self.lapsed_at = time.time()
         self.valid_until = valid_until
         self._write_fence()
 
@@ -158,11 +192,13 @@ class Supervisor(threading.Thread):
             if proc is not None and proc.generation == generation:
                 self._kill(proc, "stop")
             elif proc is None:  # not here (already exited): just record it
-                deployer.transition(self.ctl, dep_id, STOPPED, expect=[STOPPING], generation=generation, reason=reason)
+                self.outbox.send(dep_id, STOPPED, expect=[STOPPING], generation=generation, reason=reason)
         elif kind == "fence_all":
             log.warning("node-%s fences itself: %s", self.node_id, arg)
             for proc in list(self.procs.values()):
                 self._kill(proc, "fence", grace=0.0)
+        elif kind == "lapse":
+            self._lapse(arg)
         elif kind == "shutdown":
             payloads = [p.payload for p in self.procs.values() if p.killing is None]
             for proc in list(self.procs.values()):
@@ -171,14 +207,27 @@ class Supervisor(threading.Thread):
             while self.procs and time.monotonic() < deadline:
                 self._tick()
                 time.sleep(0.02)
+            self.outbox.retry_at = 0.0  # one last try at what is kept
+            self.outbox.flush()
             self.stopped.set()
             arg.put(payloads)
 
     def _start(self, proc: Proc) -> None:
         """Spawn (from this thread only) and report ``running``, or kill if the report is refused."""
         p = proc.payload
-        expect = [RESTARTING] if proc.restart_at is not None else [SCHEDULED]
-        current = self.ctl.registry.deployments.find_one({"_id": proc.dep_id}, {"generation": 1, "state": 1})
+        expect = [proc.expect]
+        current: Doc | None = None
+        wait = "the lease was not renewed in time" if self.lapsed() else ""
+        try:
+            if not wait:
+                current = self.ctl.registry.deployments.find_one({"_id": proc.dep_id}, {"generation": 1, "state": 1})
+        except UNREACHABLE as exc:
+            wait = f"the registry is out of reach ({exc})"
+        if wait:  # try again soon; the lease and the registry decide then
+            log.info("start of %s gen %s waits: %s", proc.dep_id, proc.generation, wait)
+            proc.restart_at = time.monotonic() + START_RETRY
+            self.procs[proc.dep_id] = proc
+            return
         if current is None or current["generation"] != proc.generation or current["state"] not in expect:
             log.info("not starting %s gen %s: the registry has moved on", proc.dep_id, proc.generation)
             if self.procs.get(proc.dep_id) is proc:
@@ -215,20 +264,24 @@ class Supervisor(threading.Thread):
         proc.restart_at = None
         self.procs[proc.dep_id] = proc
         self._write_fence()
-        reported = deployer.transition(
-            self.ctl,
+        popen = proc.popen
+
+        def refused(doc: Doc | None) -> None:
+            if doc is None and proc.popen is popen:
+                log.warning("report for %s gen %s refused: killing pid %s", proc.dep_id, proc.generation, popen.pid)
+                self._kill(proc, "fence", grace=0.0)
+
+        self.outbox.send(
             proc.dep_id,
             RUNNING,
             expect=expect,
             generation=proc.generation,
             reason=f"started on node-{self.node_id}" + (f" (restart {proc.restarts})" if proc.restarts else ""),
-            pid=proc.popen.pid,
+            then=refused,
+            pid=popen.pid,
             restarts=proc.restarts,
             log=str(log_path),
         )
-        if reported is None:
-            log.warning("report for %s gen %s refused: killing pid %s", proc.dep_id, proc.generation, proc.popen.pid)
-            self._kill(proc, "fence", grace=0.0)
 
     def _kill(self, proc: Proc, why: str, grace: float = KILL_GRACE) -> None:
         if proc.popen is None or proc.popen.poll() is not None:
@@ -241,7 +294,17 @@ class Supervisor(threading.Thread):
             proc.kill_deadline = time.monotonic() + grace
             _signal_group(proc.popen.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
 
+    def _lapse(self, reason: str) -> None:
+        running = [p for p in self.procs.values() if p.popen is not None and p.killing is None]
+        if running:
+            log.warning("node-%s kills its %d algorithm(s): %s", self.node_id, len(running), reason)
+        for proc in running:
+            self._kill(proc, "lapse", grace=0.0)
+
     def _tick(self) -> None:
+        self.outbox.flush()
+        if self.lapsed():  # the watchdog kills them too; this thread reports them lost
+            self._lapse("its lease was not renewed in time")
         now = time.monotonic()
         for proc in list(self.procs.values()):
             if proc.popen is None:
@@ -261,14 +324,20 @@ class Supervisor(threading.Thread):
         code = proc.popen.returncode if proc.popen is not None else None
         if proc.popen is not None:
             _signal_group(proc.popen.pid, signal.SIGKILL)  # leftovers of its process group
+            killed = proc.popen.returncode == -signal.SIGKILL and proc.started < self.lapsed_at
+            if proc.killing is None and (self.lapsed() or killed):
+                proc.killing = "lapse"  # the watchdog killed it while this thread could not look
         proc.popen = None
-        del self.procs[proc.dep_id]
+        if self.procs.get(proc.dep_id) is proc:
+            del self.procs[proc.dep_id]
         self._write_fence()
         gen, dep_id = proc.generation, proc.dep_id
         if proc.killing == "stop":
-            deployer.transition(
-                self.ctl, dep_id, STOPPED, expect=[STOPPING], generation=gen, reason="stopped", exit_code=code
-            )
+            self.outbox.send(dep_id, STOPPED, expect=[STOPPING], generation=gen, reason="stopped", exit_code=code)
+            return
+        if proc.killing == "lapse":  # killed before its lease expired: placed again, here or elsewhere
+            reason = f"node-{self.node_id} could not renew its lease and killed its copy"
+            self.outbox.send(dep_id, LOST, expect=list(ACTIVE_STATES), generation=gen, reason=reason, pid=None)
             return
         if proc.killing is not None:  # fenced or shutting down: the registry is told elsewhere
             return
@@ -278,28 +347,30 @@ class Supervisor(threading.Thread):
         if policy.should_restart(code, proc.restarts):
             delay = policy.delay(proc.restarts)
             proc.restarts += 1
-            moved = deployer.transition(
-                self.ctl,
+
+            def restart(moved: Doc | None) -> None:
+                if moved is not None and dep_id not in self.procs:
+                    proc.restart_at = time.monotonic() + delay
+                    proc.expect = RESTARTING
+                    self.procs[dep_id] = proc
+
+            self.outbox.send(
                 dep_id,
                 RESTARTING,
                 expect=[RUNNING],
                 generation=gen,
                 reason=f"{what}, restart {proc.restarts}/{policy.max_restarts} in {delay:g}s",
+                then=restart,
                 exit_code=code,
                 restarts=proc.restarts,
                 pid=None,
             )
-            if moved is not None:
-                proc.restart_at = time.monotonic() + delay
-                self.procs[dep_id] = proc
             return
         final = SUCCEEDED if code == 0 else FAILED
         reason = what
         if final == FAILED and policy.policy != "never" and proc.restarts >= policy.max_restarts:
             reason += f", gave up after {proc.restarts} restarts"
-        deployer.transition(
-            self.ctl, dep_id, final, expect=[RUNNING], generation=gen, reason=reason, exit_code=code, pid=None
-        )
+        self.outbox.send(dep_id, final, expect=[RUNNING], generation=gen, reason=reason, exit_code=code, pid=None)
 
     def _check_ownership(self) -> None:
         """Kill processes whose deployment has moved to another generation or node."""

@@ -1,0 +1,233 @@
+"""Kafka bridge throughput: requests accepted per second (consumed, recorded, enqueued, committed).
+
+Starts a private embedded stack (Redis, SecantusDB, Tansu) in a temp dir, adds the
+``hello`` example, writes ``--count`` requests to a fresh requests topic, starts
+``python -m bridge`` (no control worker: the ``dm.deploy`` tasks stay queued in Redis)
+and times from the moment it has its partitions until the group's committed offsets
+cover every request. Twice: with event publishing off (the request path alone), then
+on (the full bridge; its events rate is reported too). Baselines from the same run:
+kafka-python's raw consume-and-commit rate on the same broker and topic layout, and
+the registry's raw bulk-insert rate (``insert_many`` in batches of the bridge's size,
+of deployment documents alone, and of deployments plus their ``pending`` events).
+Goal: at least 2,000 requests/s, or, if the registry's bulk rate is lower, half of it.
+
+    /work/venv/bin/python bench/bridge.py [--count 10000] [--no-doc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import ROOT, command_line, machine, table, verdict, wait_for
+
+DOC = ROOT / "docs" / "benchmarks-bridge.md"
+GOAL_RATE = 2000.0
+BATCH = 500
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=10_000, help="requests per run (default 10000)")
+    p.add_argument("--no-doc", action="store_true", help=f"do not write {DOC.relative_to(ROOT)}")
+    args = p.parse_args(argv)
+    from dm.embedded import EmbeddedStack, stop_pid
+
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="dm-bench-bridge-"))
+    try:
+        with EmbeddedStack(work / "stack", kafka=True) as stack:
+            env = {**os.environ, **stack.env(), "DM_HOME": str(work / "home"), "PYTHONPATH": str(ROOT)}
+            figures: dict[str, Any] = {"kafka": kafka_baseline(stack.kafka_bootstrap or "", args.count)}
+            # the registry's rates before and after the bridge runs (the machine drifts), averaged
+            bulk = [bulk_baseline(stack.mongo_url, args.count)]
+            for events in (False, True):
+                figures[f"bridge_events_{events}"] = bridge_run(env, work, args.count, events, stop_pid)
+            bulk.append(bulk_baseline(stack.mongo_url, args.count))
+            figures["bulk"] = {k: (bulk[0][k] + bulk[1][k]) / 2 for k in bulk[0]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(args, figures, time.monotonic() - started)
+    return 0
+
+
+def fresh(env: dict[str, str]) -> tuple[dict[str, str], Any]:
+    """An env with its own database and topics, and a Control on it with ``hello`` added."""
+    from dm.control import Control
+    from dm.package import load_spec, pack
+    from dm.settings import Settings
+
+    tag = uuid.uuid4().hex[:8]
+    env = {**env, "DM_DATABASE": f"bench_bridge_{tag}", "DM_BRIDGE_GROUP": f"bench-{tag}"}
+    env |= {f"DM_BRIDGE_{k}_TOPIC": f"bench.{k.lower()}.{tag}" for k in ("REQUESTS", "DLQ", "EVENTS")}
+    ctl = Control(Settings.from_env(env))
+    ctl.registry.ensure_indexes()
+    hello = ROOT / "examples" / "algorithms" / "hello"
+    ctl.registry.add_algorithm(load_spec(hello), *pack(hello))
+    return env, ctl
+
+
+def produce(bootstrap: str, topic: str, count: int, partitions: int = 4) -> None:
+    from kafka import KafkaAdminClient, KafkaProducer
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics({topic: {"num_partitions": partitions, "replication_factor": -1}})
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, batch_size=256 * 1024)
+    for i in range(count):
+        body = {"request_id": f"req-{i}", "algorithm": "hello", "args": {"who": "bench", "n": i}}
+        producer.send(topic, key=body["request_id"].encode(), value=json.dumps(body).encode())
+    producer.flush()
+    producer.close()
+
+
+def kafka_baseline(bootstrap: str, count: int) -> float:
+    """kafka-python alone: poll batches, decode each JSON value, commit each batch."""
+    from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+
+    topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
+    produce(bootstrap, topic, count)
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"raw-{topic}", enable_auto_commit=False,
+                             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                             max_poll_records=BATCH)  # fmt: skip
+    seen, t0 = 0, 0.0
+    while seen < count:
+        polled = consumer.poll(timeout_ms=500)
+        if polled and not t0:
+            t0 = time.perf_counter()
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for tp, records in polled.items():
+            for record in records:
+                json.loads(record.value)
+            seen += len(records)
+            offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+        if offsets:
+            consumer.commit(offsets)
+    rate = count / (time.perf_counter() - t0)
+    consumer.close()
+    return rate
+
+
+def bulk_baseline(mongo_url: str, count: int) -> dict[str, float]:
+    """The registry's ``insert_many`` rate, in batches of the bridge's size, of three kinds of document."""
+    from dm.models import DeployRequest
+    from dm.registry import Registry
+
+    algorithm = {"name": "hello", "version": "1", "sha256": "0" * 64, "spec": {
+        "command": ["python", "main.py"], "env": {}, "demand": {"cpu": 0.05, "memory": 32.0},
+        "restart": {"policy": "never", "max_restarts": 5, "backoff": 0.5, "backoff_max": 30.0}}}  # fmt: skip
+    out = {}
+    for kind in ("bare", "deployments", "deployments+events"):
+        registry = Registry(mongo_url, f"bench_bulk_{uuid.uuid4().hex[:8]}")
+        registry.ensure_indexes()
+        bare = registry.db["bare"]
+        if kind == "bare":
+            bare.create_index("request_id", unique=True)
+        t0 = time.perf_counter()
+        for start in range(0, count, BATCH):
+            requests = [DeployRequest("hello", {"n": i}, f"req-{i}") for i in range(start, min(count, start + BATCH))]
+            if kind == "bare":
+                bare.insert_many([{"_id": r.request_id, "request_id": r.request_id} for r in requests], ordered=False)
+                continue
+            docs = [registry._pending_doc(r, algorithm) for r in requests]
+            registry.deployments.insert_many(docs, ordered=False)
+            if kind == "deployments+events":
+                registry._first_events(docs, [])
+        out[kind] = count / (time.perf_counter() - t0)
+        registry.db.client.drop_database(registry.db.name)
+    return out
+
+
+def bridge_run(env: dict[str, str], work: Path, count: int, events: bool, stop_pid: Any) -> dict[str, float]:
+    from kafka import KafkaAdminClient
+
+    env, ctl = fresh(env)
+    env["DM_BRIDGE_PUBLISH_EVENTS"] = str(events).lower()
+    env["DM_BRIDGE_SESSION_TIMEOUT_MS"] = "6000"
+    topic, group = env["DM_BRIDGE_REQUESTS_TOPIC"], env["DM_BRIDGE_GROUP"]
+    produce(env["DM_KAFKA_BOOTSTRAP"], topic, count)
+    log = work / f"bridge-{group}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bridge"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    admin = KafkaAdminClient(bootstrap_servers=env["DM_KAFKA_BOOTSTRAP"])
+    try:
+        wait_for(lambda: "partitions assigned: bench" in log.read_text(), 60, "the bridge's partitions", 0.005)
+        t0 = time.perf_counter()
+        wait_for(lambda: committed(admin, group) >= count, 600, f"{count} committed requests", 0.02)
+        seconds = time.perf_counter() - t0
+        recorded = ctl.registry.deployments.count_documents({})
+        queued = ctl.redis.llen("dm.control")
+        if recorded != count or queued < count:
+            raise RuntimeError(f"{recorded} deployments recorded and {queued} tasks queued for {count} requests")
+        result = {"rate": count / seconds}
+        if events:
+            wait_for(lambda: not ctl.registry.events.count_documents({"published": False}), 600, "events published")
+            result["events_rate"] = count / (time.perf_counter() - t0)
+    finally:
+        stop_pid(proc.pid, 15)
+        admin.close()
+        ctl.registry.db.client.drop_database(ctl.settings.database)
+    if re.search(r"Traceback|ERROR", log.read_text()):
+        raise RuntimeError(f"the bridge logged errors:\n{log.read_text()[-3000:]}")
+    return result
+
+
+def committed(admin: Any, group: str) -> int:
+    offsets = admin.list_group_offsets(group).get(group) or {}
+    return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+
+
+def report(args: argparse.Namespace, f: dict[str, Any], seconds: float) -> None:
+    bulk = f["bulk"]
+    record = bulk["deployments+events"]
+    goal = min(GOAL_RATE, record / 2)
+    intake, full = f["bridge_events_False"]["rate"], f["bridge_events_True"]["rate"]
+    rows = [
+        ["baseline: kafka-python poll + JSON decode + commit", f"{f['kafka']:,.0f}", ""],
+        ["baseline: registry `insert_many`, bare `{_id, request_id}` documents, one index", f"{bulk['bare']:,.0f}", ""],
+        ["baseline: registry `insert_many` of deployments (their collection, its 5 indexes)",
+         f"{bulk['deployments']:,.0f}", ""],
+        ["baseline: registry `insert_many` of deployments + their `pending` events (what recording writes)",
+         f"{record:,.0f}", "1.00"],
+        ["**bridge, event publishing off: requests accepted**", f"**{intake:,.0f}**", f"{intake / record:.2f}"],
+        ["bridge, event publishing on: requests accepted", f"{full:,.0f}", f"{full / record:.2f}"],
+        ["bridge, event publishing on: `pending` events published (from the same start)",
+         f"{f['bridge_events_True']['events_rate']:,.0f}", ""],
+    ]  # fmt: skip
+    body = (
+        f"{args.count:,} requests per run (`hello`, ~90 bytes each) on a 4-partition topic, in batches of {BATCH}; "
+        "no control worker, so the `dm.deploy` tasks stay queued. A request counts once its offset is committed, "
+        "after its deployment and `pending` event are in MongoDB and its task is in Redis. The registry baselines "
+        f"are the mean of a run before and one after the bridge's. Run time {seconds:.0f} s.\n\n"
+        + table(["path", "per second", "÷ recording baseline"], rows)
+        + f"\n\nGoal: {GOAL_RATE:,.0f}/s, or half the registry's bulk rate when that is lower: here half the rate of "
+        f"writing what a deployment needs ({goal:,.0f}/s): event publishing off **{verdict(intake >= goal)}**, "
+        f"on **{verdict(full >= goal)}**. Against deployments alone (without their events) the bridge reaches "
+        f"{intake / bulk['deployments']:.2f} of the bulk rate with publishing off."
+    )
+    print(body)
+    if not args.no_doc:
+        DOC.write_text(
+            "<!-- bench:bridge -->\n## Kafka bridge: requests accepted per second\n\n"
+            f"Run on {date.today().isoformat()}; machine: {machine()}.\n\n"
+            f"```sh\n{command_line()}\n```\n\n{body}\n<!-- /bench:bridge -->\n"
+        )
+        print(f"wrote {DOC.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
