@@ -22,6 +22,10 @@ task_send_sent_event = True
 task_track_started = True
 result_expires = 3600
 broker_connection_retry_on_startup = True
+# keep reconnecting to the broker for as long as it is away (Celery's default gives up after 100 tries)
+broker_connection_retry = True
+broker_connection_max_retries = None
+worker_cancel_long_running_tasks_on_connection_loss = False
 # a task taken by a worker that died unacknowledged goes back to its queue after this
 # many seconds (Celery's default is an hour); dm's tasks take well under a second, and
 # deploy is idempotent (the task id is the default request id), so a redelivery is harmless
@@ -32,5 +36,5 @@ timezone = "UTC"
 
 for _name, _value in list(globals().items()):
     _env = os.environ.get("CELERY_" + _name.upper())
-    if _env is not None and not _name.startswith("_"):
+    if _env is not None and not _name.startswith("_") and _value is not None:
         globals()[_name] = type(_value)(_env) if isinstance(_value, (int, float, str)) else _env

@@ -64,9 +64,12 @@ def transition(ctl: Control, dep_id: str, state: str, **kwargs: Any) -> Doc | No
     return doc
 
 
-def place(ctl: Control, dep_id: str) -> Doc:
-    """Place a ``pending`` or ``lost`` deployment and dispatch it; a no-op for any other state."""
-    doc = ctl.registry.get_deployment(dep_id)
+def place(ctl: Control, dep_id: str, doc: Doc | None = None) -> Doc:
+    """Place a ``pending`` or ``lost`` deployment and dispatch it; a no-op for any other state.
+
+    ``doc`` is the deployment as the caller just read or made it (saves a read).
+    """
+    doc = doc if doc is not None else ctl.registry.get_deployment(dep_id)
     if doc["state"] not in (PENDING, LOST):
         return doc
     settings = ctl.settings
@@ -93,6 +96,7 @@ def place(ctl: Control, dep_id: str) -> Doc:
             node=node_id,
             pid=None,
             scheduled_at=time.time(),
+            current=doc,
         )
         if placed is None:  # another deployer placed or stopped it first
             return ctl.registry.get_deployment(dep_id)

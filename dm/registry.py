@@ -13,7 +13,6 @@ from typing import Any
 
 import gridfs
 import pymongo
-from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -31,9 +30,15 @@ def mongo_client(url: str) -> pymongo.MongoClient[Doc]:
     """One client per URL and process (clients are thread-safe and pool connections)."""
     client = _clients.get(url)
     if client is None:
-        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000, connectTimeoutMS=3000)
+        # a socket timeout, so a call across a cut network fails instead of hanging (the URL may override)
+        options: dict[str, Any] = {} if "sockettimeoutms" in url.lower() else {"socketTimeoutMS": 10000}
+        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000, connectTimeoutMS=3000, **options)
         _clients[url] = client
     return client
+
+
+#: tries of a compare-and-set that lost a race before it reads again and gives up
+CAS_ATTEMPTS = 5
 
 
 def new_id() -> str:
@@ -235,20 +240,36 @@ class Registry:
         generation: int | None = None,
         reason: str = "",
         new_generation: bool = False,
+        current: Doc | None = None,
         **fields: Any,
     ) -> Doc | None:
-        """Compare-and-set the state; returns the new document, or None when refused."""
-        query: Doc = {"_id": dep_id, "state": {"$in": list(expect)}}
-        if generation is not None:
-            query["generation"] = generation
-        update: Doc = {
-            "$set": {"state": state, "reason": reason, "updated_at": time.time(), **fields},
-            "$inc": {"rev": 1, **({"generation": 1} if new_generation else {})},
-        }
-        doc = self.deployments.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
-        if doc is not None:
-            self._event(doc)
-        return doc
+        """Compare-and-set the state; returns the new document, or None when refused.
+
+        ``current`` is the document as the caller last read it, saving a read. The write is
+        an ``update_one`` on (id, rev): findAndModify scans the whole collection on the
+        MongoDB-compatible server, so its cost grew with every deployment ever made.
+        """
+        expected = list(expect)
+        doc = current
+        for _ in range(CAS_ATTEMPTS):
+            if doc is None:
+                doc = self.deployments.find_one({"_id": dep_id})
+            if doc is None or doc["state"] not in expected:
+                return None
+            if generation is not None and doc["generation"] != generation:
+                return None
+            sets = {"state": state, "reason": reason, "updated_at": time.time(), **fields}
+            step = 1 if new_generation else 0
+            result = self.deployments.update_one(
+                {"_id": dep_id, "rev": doc["rev"]},
+                {"$set": sets, "$inc": {"rev": 1, "generation": step}},
+            )
+            if result.modified_count == 1:
+                new = {**doc, **sets, "rev": doc["rev"] + 1, "generation": doc["generation"] + step}
+                self._event(new)
+                return new
+            doc = None  # changed since it was read: read again and decide again
+        return None
 
     def _event(self, doc: Doc) -> None:
         self.events.insert_one(
@@ -402,11 +423,15 @@ class Registry:
                 raise
 
     def unpublished_events(self, limit: int = 0, deployment_ids: Iterable[str] | None = None) -> list[Doc]:
-        """The oldest events not yet published to Kafka (of these deployments only, if given)."""
+        """Events not yet published to Kafka, oldest first (of these deployments only, if given).
+
+        In the order of the ``(published, _id)`` index: an explicit sort makes this server
+        sort the whole backlog on every call.
+        """
         query: Doc = {"published": False}
         if deployment_ids is not None:
             query["deployment_id"] = {"$in": list(deployment_ids)}
-        return list(self.events.find(query).sort("_id", 1).limit(limit))
+        return list(self.events.find(query).limit(limit))
 
     def published_revs(self, deployment_ids: Iterable[str]) -> dict[str, int]:
         """The highest published rev of each deployment that has one."""
@@ -416,7 +441,7 @@ class Registry:
             revs[e["deployment_id"]] = max(int(e["rev"]), revs.get(e["deployment_id"], -1))
         return revs
 
-    def mark_published(self, event_ids: list[Any], chunk: int = 100) -> None:
+    def mark_published(self, event_ids: list[Any], chunk: int = 50) -> None:
         # small chunks: this server's cost for a long $in grows faster than its length
         for i in range(0, len(event_ids), chunk):
             self.events.update_many({"_id": {"$in": event_ids[i : i + chunk]}}, {"$set": {"published": True}})

@@ -23,7 +23,7 @@ TRANSIENT = (RegistryUnavailable, PyMongoError, RedisConnectionError)
     autoretry_for=TRANSIENT,
     retry_backoff=True,
     retry_backoff_max=30,
-    max_retries=10,
+    max_retries=None,  # an outage of the stores is waited out: the request is not dropped
 )
 def deploy(
     self: Any,
@@ -51,7 +51,7 @@ def deploy(
             }
         )
         doc, _ = deployer.submit(ctl, request)
-    return deployer.public(deployer.place(ctl, doc["_id"]))
+    return deployer.public(deployer.place(ctl, doc["_id"], doc))
 
 
 @app.task(name="dm.place", autoretry_for=TRANSIENT, retry_backoff=True, max_retries=10)

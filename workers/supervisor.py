@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,8 @@ FENCE_CHECK_INTERVAL = 2.0
 START_RETRY = 0.5
 
 _libc: Any = None
+#: sets PR_SET_PDEATHSIG for the command it execs (util-linux); None: a preexec_fn does it
+SETPRIV = shutil.which("setpriv")
 
 
 def _die_with_parent() -> None:
@@ -171,7 +174,9 @@ class Supervisor(threading.Thread):
     def run(self) -> None:
         while not self.stopped.is_set():
             try:
-                kind, arg = self.orders.get(timeout=0.05)
+                # poll often only while there are processes to watch or reports to retry
+                busy = bool(self.procs) or len(self.outbox) > 0
+                kind, arg = self.orders.get(timeout=0.05 if busy else 0.5)
                 self._order(kind, arg)
             except queue.Empty:
                 pass
@@ -250,15 +255,19 @@ class Supervisor(threading.Thread):
             header = f"--- dm: gen {proc.generation} restart {proc.restarts} on node-{self.node_id} at {time.ctime()}\n"
             out.write(header.encode())
             out.flush()
+            cmd = command_line(p["command"], proc.package)
             proc.popen = subprocess.Popen(
-                command_line(p["command"], proc.package),
+                [SETPRIV, "--pdeathsig", "KILL", "--", *cmd] if SETPRIV else cmd,
                 cwd=workdir,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                # a preexec_fn makes Python fork the whole agent instead of using vfork/posix_spawn
+                # (7-11 ms a start against under 1 ms): util-linux's setpriv sets the same death
+                # signal and then execs the command in the same pid and session
+                preexec_fn=None if SETPRIV else _die_with_parent,
             )
         proc.started = time.time()
         proc.restart_at = None

@@ -23,6 +23,8 @@ from pathlib import Path
 #: part of the lease TTL after a renewal at which an unrenewed node kills its algorithms
 FENCE_FRACTION = 0.75
 POLL = 0.05
+#: longest sleep between two looks at the state file (new process groups show up by then)
+MAX_WAIT = 0.25
 
 
 def write_state(path: Path, valid_until: float, pgids: list[int]) -> None:
@@ -42,11 +44,16 @@ def watch(path: Path, parent: int) -> None:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             state = None
-        if state and time.time() > float(state["valid_until"]):
-            for pgid in state.get("pgids", []):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(int(pgid), signal.SIGKILL)
-        time.sleep(POLL)
+        wait = POLL
+        if state:
+            left = float(state["valid_until"]) - time.time()
+            if left < 0:
+                for pgid in state.get("pgids", []):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(int(pgid), signal.SIGKILL)
+            else:  # renewals only move the deadline later: no need to look before it
+                wait = min(max(left, POLL), MAX_WAIT)
+        time.sleep(wait)
 
 
 def start(path: Path) -> int:
