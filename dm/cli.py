@@ -238,7 +238,7 @@ def cmd_nodes(a: argparse.Namespace) -> int:
     if a.json:
         _print_json(rows)
     else:
-        _table(rows, ["name", "host", "state", "cpus", "memory", "cpu", "ram", "load", "deployments"])
+        _table(rows, ["name", "host", "address", "state", "cpus", "memory", "cpu", "ram", "load", "deployments"])
     return EXIT_OK
 
 

@@ -106,6 +106,9 @@ def up(
             _write(home, state)
             say(f"  {name} started (pid {proc.pid}, log {logs / (name + '.log')})")
         want = settings.min_nodes if nodes is None else nodes
+        if not node_manager.provider(settings.provider).starts_nodes:
+            say(f"  provider {settings.provider!r} starts no nodes: run `dm node` on each host (docs/multihost.md)")
+            want = 0
         live = [n for n in fleet.snapshot(ctl.redis, 0) if n.state in node_manager.LIVE_STATES]
         for _ in range(max(0, want - len(live))):
             node_id = node_manager.add_node(ctl.with_settings(max_nodes=max(settings.max_nodes, want)))
