@@ -35,7 +35,7 @@ from celery import Celery
 ROOT = Path(__file__).resolve().parent.parent
 #: the machine's 1-minute load average when the benchmark started (other work shows here)
 LOAD_AT_START = os.getloadavg()[0]
-DOC = ROOT / "docs" / "benchmarks-core.md"
+DOC = ROOT / "docs" / "benchmarks.md"
 #: the queue of the baseline worker
 BASELINE_QUEUE = "bench.baseline"
 #: env var that gives the baseline worker its Redis
@@ -248,7 +248,7 @@ def command_line() -> str:
 
 # -- the docs page --------------------------------------------------------------------
 
-_HEADER = """# Benchmarks: core paths
+_HEADER = """# Benchmarks
 
 Each section is written by its script in `bench/` (the section between its markers is
 replaced on every run). Every script starts its own embedded stack (Redis, SecantusDB;
@@ -256,11 +256,11 @@ no Kafka) in a temp dir, uses a fresh database, measures a baseline in the same 
 and stops every process it started by its PID.
 """
 #: the order of the sections on the page
-SECTIONS = ("deploy_latency", "placement", "node_idle")
+SECTIONS = ("deploy_latency", "placement", "node_idle", "failover", "bridge")
 
 
 def write_section(name: str, title: str, body: str) -> Path:
-    """Replace (or add) the section ``name`` of docs/benchmarks-core.md; returns the path."""
+    """Replace (or add) the section ``name`` of docs/benchmarks.md; returns the path."""
     text = DOC.read_text() if DOC.exists() else _HEADER
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = (

@@ -20,17 +20,16 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import write_section
 from dm.embedded import EmbeddedStack
 from tests.ledger import overlaps
 from tests.system import EXAMPLES, System
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks-failover.md"
 COUNT = 20
 
 
@@ -101,9 +100,7 @@ def run(trials: int) -> str:
         finally:
             stack.stop()
     lines = [
-        f"## Failover (`bench/failover.py`, {date.today()}, 2 cores, {trials} trials each)",
-        "",
-        f"kill -9 of a node agent running {COUNT} algorithms; time from the kill.",
+        f"kill -9 of a node agent running {COUNT} algorithms; time from the kill; {trials} trials each.",
         "",
         "| settings | node dead p50 | node dead max | all running elsewhere p50 | max | duplicates |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -136,7 +133,7 @@ def main() -> None:
     args = p.parse_args()
     section = run(args.trials)
     print(section)
-    DOC.write_text("# Failover benchmark\n\n" + section)
+    print("wrote", write_section("failover", "Failover: kill -9 of a node running 20 algorithms", section))
 
 
 if __name__ == "__main__":
