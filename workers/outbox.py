@@ -103,6 +103,8 @@ class Outbox:
 
     def _transition(self, report: Report) -> Doc | None:
         registry = self.ctl.registry
+        if report.attempts:  # the document it was sent with may be stale by now
+            report.fields.pop("current", None)
         doc = registry.transition(
             report.dep_id, report.state, expect=report.expect, generation=report.generation,
             reason=report.reason, **report.fields,

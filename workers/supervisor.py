@@ -225,7 +225,7 @@ class Supervisor(threading.Thread):
         wait = "the lease was not renewed in time" if self.lapsed() else ""
         try:
             if not wait:
-                current = self.ctl.registry.deployments.find_one({"_id": proc.dep_id}, {"generation": 1, "state": 1})
+                current = self.ctl.registry.deployments.find_one({"_id": proc.dep_id})
         except UNREACHABLE as exc:
             wait = f"the registry is out of reach ({exc})"
         if wait:  # try again soon; the lease and the registry decide then
@@ -287,6 +287,7 @@ class Supervisor(threading.Thread):
             generation=proc.generation,
             reason=f"started on node-{self.node_id}" + (f" (restart {proc.restarts})" if proc.restarts else ""),
             then=refused,
+            current=current,  # as read just now: the report's compare-and-set needs no second read
             pid=popen.pid,
             restarts=proc.restarts,
             log=str(log_path),
