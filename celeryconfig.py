@@ -29,7 +29,8 @@ worker_cancel_long_running_tasks_on_connection_loss = False
 # a task taken by a worker that died unacknowledged goes back to its queue after this
 # many seconds (Celery's default is an hour); dm's tasks take well under a second, and
 # deploy is idempotent (the task id is the default request id), so a redelivery is harmless
-broker_transport_options = {"visibility_timeout": 120}
+# a connect to an address that is gone fails in seconds, not a TCP time-out of minutes
+broker_transport_options = {"visibility_timeout": 120, "socket_connect_timeout": 5, "socket_keepalive": True}
 worker_hijack_root_logger = False
 enable_utc = True
 timezone = "UTC"

@@ -40,7 +40,7 @@ except ImportError:  # installed without the checkout: the same defaults
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 120},
+        broker_transport_options={"visibility_timeout": 120, "socket_connect_timeout": 5, "socket_keepalive": True},
     )
 app.conf.broker_url = settings.redis_url or None
 app.conf.result_backend = settings.redis_url or None

@@ -33,6 +33,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what or predicate}; last value: {value!r}")
 
 
+def forget_connections() -> None:
+    """Make this process's Celery app connect anew: a test may bring servers at new addresses,
+    and the app keeps its connection pool and result backend across tests."""
+    from dm.app import app
+
+    app._after_fork()  # drops the connection and producer pools
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
+
+
 class System:
     def __init__(self, redis_url: str, mongo_url: str, home: Path, **settings: Any) -> None:
         self.home = home
@@ -57,6 +67,8 @@ class System:
         # this test process sends tasks with the same settings as the workers
         from dm.app import app
 
+        if app.conf.broker_url != redis_url:
+            forget_connections()
         app.conf.broker_url = app.conf.result_backend = redis_url
         import dm.control
 

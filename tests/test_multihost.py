@@ -24,7 +24,6 @@ import psutil
 import pytest
 
 from dm import node_manager
-from dm.app import app
 from dm.embedded import stop_pid
 from dm.errors import ConfigError
 from dm.providers.command import render
@@ -50,7 +49,6 @@ class Cluster:
         self.servers = servers
         self.system = System(servers.redis_url, servers.mongo_url, home, lease_ttl=LEASE, **settings)
         self.agents: list[subprocess.Popen[bytes]] = []
-        forget_connections()
 
     def start_node(self, host: TestHost, *args: str) -> subprocess.Popen[bytes]:
         """``dm node`` by hand on a test host, with a home of that host's own."""
@@ -84,14 +82,6 @@ class Cluster:
         except Exception:  # a store left down by a failed test: the namespaces' removal stops the rest
             for proc in self.system.procs.values():
                 stop_pid(proc.pid, 10)
-
-
-def forget_connections() -> None:
-    """Make this process's Celery app connect anew: each test has servers at new addresses,
-    and the app keeps its connection pool and result backend across tests."""
-    app._after_fork()  # drops the connection and producer pools
-    app._backend_cache = None
-    app._local.__dict__.pop("backend", None)
 
 
 @pytest.fixture

@@ -1,0 +1,194 @@
+"""The bridge's pure parts, with no server: request decoding, message formats, event order, settings."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from bridge.broker import Backoff
+from bridge.messages import DeadLetter, Event, Rejected, decode_request
+from bridge.sequencer import Sequencer
+from bridge.settings import BridgeSettings
+from dm.errors import BadRequest, ConfigError
+from dm.models import DeployRequest
+
+
+def decode(raw: bytes | None) -> DeployRequest:
+    return decode_request(raw, max_bytes=1024, max_request_id=16)
+
+
+def test_a_good_request_decodes_with_its_optional_fields() -> None:
+    assert decode(b'{"request_id": "r1", "algorithm": "hello"}') == DeployRequest("hello", {}, "r1")
+    full = decode(b'{"request_id": "r2", "algorithm": "hello", "version": "1.0.0", "args": {"n": 1}, "extra": 1}')
+    assert full == DeployRequest("hello", {"n": 1}, "r2", "1.0.0")
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "reason"),
+    [
+        (None, "empty", "empty"),
+        (b"  \n", "empty", "empty"),
+        (b"x" * 1025, "too_large", "1025 bytes, over the limit of 1024"),
+        (b"\xc3\x28", "not_json", "not UTF-8"),
+        (b"{", "not_json", "not valid JSON"),
+        (b'{"request_id": "r", "algorithm": "a", "args": {"x": Infinity}}', "not_json", "Infinity"),
+        (b'{"a": 1, "a": 2}', "not_json", "duplicate key 'a'"),
+        (b"[]", "bad_request", "got list"),
+        (b'{"algorithm": "a"}', "bad_request", "no 'request_id'"),
+        (b'{"request_id": null, "algorithm": "a"}', "bad_request", "non-empty string, got None"),
+        (b'{"request_id": "' + b"r" * 17 + b'", "algorithm": "a"}', "bad_request", "17 characters"),
+        (b'{"request_id": "r", "algorithm": 1}', "bad_request", "'algorithm' has the wrong type"),
+        (b'{"request_id": "r", "algorithm": "a", "args": "x=1"}', "bad_request", "'args' must be a JSON object"),
+    ],
+)
+def test_a_bad_request_is_rejected_with_a_code_and_a_reason(raw: bytes | None, code: str, reason: str) -> None:
+    with pytest.raises(Rejected) as caught:
+        decode(raw)
+    assert caught.value.code == code
+    assert reason in str(caught.value)
+
+
+def test_a_dead_letter_keeps_the_original_bytes_and_says_where_and_why_in_headers() -> None:
+    letter = DeadLetter("dm.requests", 2, 41, "not valid JSON", "not_json", b"k", b"\xff raw", 1700000000000)
+    headers = letter.headers()
+    assert ("dm.reason", b"not valid JSON") in headers and ("dm.offset", b"41") in headers
+    assert DeadLetter.from_record(b"k", b"\xff raw", headers) == letter
+    with pytest.raises(BadRequest, match="not a dm dead letter"):
+        DeadLetter.from_record(None, b"x", [("other", b"1")])
+
+
+def test_an_event_round_trips_as_json_keyed_by_its_deployment() -> None:
+    doc = {"_id": "x", "deployment_id": "d1", "request_id": "r1", "algorithm": "hello", "state": "running",
+           "node": "2", "generation": 1, "rev": 2, "time": 1.5, "reason": "started", "exit_code": None,
+           "published": False}  # fmt: skip
+    event = Event.from_doc(doc)
+    assert event.key() == b"d1"
+    assert json.loads(event.encode()) == {k: v for k, v in doc.items() if k not in ("_id", "published")}
+    assert Event.decode(event.encode()) == event
+    with pytest.raises(BadRequest):
+        Event.decode(b'{"deployment_id": "d1"}')
+
+
+# -- the sequencer ----------------------------------------------------------------
+
+
+def ev(dep: str, rev: int, oid: int | None = None) -> dict[str, Any]:
+    return {"_id": f"{oid if oid is not None else rev:04d}{dep}", "deployment_id": dep, "rev": rev}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sequencer(published: dict[str, int] | None = None, db: list[dict[str, Any]] | None = None) -> Sequencer:
+    def published_revs(ids: list[str]) -> dict[str, int]:
+        return {d: r for d, r in (published or {}).items() if d in ids}
+
+    def unpublished_of(ids: list[str]) -> list[dict[str, Any]]:
+        return [e for e in db or [] if e["deployment_id"] in ids]
+
+    return Sequencer(30.0, published_revs, unpublished_of, Clock())
+
+
+def revs(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(e["deployment_id"], e["rev"]) for e in events]
+
+
+def test_events_go_out_per_deployment_in_rev_order_whatever_order_they_were_read_in() -> None:
+    seq = sequencer()
+    plan = seq.plan([ev("b", 1), ev("a", 0), ev("b", 0), ev("a", 1), ev("a", 2)])
+    assert revs(plan.send) == [("b", 0), ("b", 1), ("a", 0), ("a", 1), ("a", 2)]
+    seq.confirm(plan)
+    assert revs(seq.plan([ev("a", 3)]).send) == [("a", 3)]
+
+
+def test_a_later_rev_waits_for_a_missing_one_and_both_go_once_it_appears() -> None:
+    seq = sequencer()
+    first = seq.plan([ev("a", 0), ev("a", 2)])
+    assert revs(first.send) == [("a", 0)] and first.held == 1
+    seq.confirm(first)
+    assert seq.plan([ev("a", 2)]).send == []
+    assert revs(seq.plan([ev("a", 2), ev("a", 1)]).send) == [("a", 1), ("a", 2)]
+
+
+def test_a_missing_rev_beyond_the_scanned_window_is_fetched_not_waited_for() -> None:
+    seq = sequencer(db=[ev("a", 0, oid=9), ev("a", 1, oid=1)])
+    assert revs(seq.plan([ev("a", 1, oid=1)]).send) == [("a", 0), ("a", 1)]
+
+
+def test_a_deployment_seen_first_after_a_restart_continues_after_its_last_published_rev() -> None:
+    seq = sequencer(published={"a": 3})
+    assert revs(seq.plan([ev("a", 4)]).send) == [("a", 4)]
+    seq = sequencer(published={"a": 3})
+    assert seq.plan([ev("a", 5)]).held == 1
+
+
+def test_a_rev_published_already_is_skipped_not_sent_again() -> None:
+    seq = sequencer()
+    plan = seq.plan([ev("a", 0), ev("a", 0, oid=7), ev("a", 1)])
+    assert revs(plan.send) == [("a", 0), ("a", 1)] and revs(plan.skip) == [("a", 0)]
+    seq.confirm(plan)
+    late = seq.plan([ev("a", 1, oid=8)])
+    assert late.send == [] and revs(late.skip) == [("a", 1)]
+
+
+def test_a_rev_missing_longer_than_the_gap_timeout_is_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    seq = sequencer()
+    clock = seq.clock
+    assert isinstance(clock, Clock)
+    seq.confirm(seq.plan([ev("a", 0)]))
+    assert seq.plan([ev("a", 2)]).send == []
+    clock.now = 29.0
+    assert seq.plan([ev("a", 2)]).send == []
+    clock.now = 31.0
+    plan = seq.plan([ev("a", 2)])
+    assert revs(plan.send) == [("a", 2)]
+    assert "rev 1..1 never appeared" in caplog.text
+    seq.confirm(plan)
+    assert seq.gaps == {}
+
+
+def test_a_rev_the_intake_published_itself_is_not_looked_up_and_a_late_copy_is_skipped() -> None:
+    seq = sequencer(published={})  # the registry would say nothing: the cache must know
+    seq.note_published(["a"], 0)
+    assert revs(seq.plan([ev("a", 1)]).send) == [("a", 1)]
+    copy = seq.plan([ev("a", 0, oid=5)])  # written again after a crash, unpublished
+    assert copy.send == [] and revs(copy.skip) == [("a", 0)]
+
+
+def test_reset_forgets_what_was_published_and_the_cache_stays_bounded() -> None:
+    seq = sequencer()
+    seq.capacity = 3
+    for dep in "abcde":
+        seq.confirm(seq.plan([ev(dep, 0)]))
+    assert list(seq.next_rev) == ["c", "d", "e"]
+    seq.reset()
+    assert seq.next_rev == {}
+
+
+# -- settings and backoff ---------------------------------------------------------
+
+
+def test_settings_come_from_flags_then_env_then_defaults() -> None:
+    env = {"DM_KAFKA_BOOTSTRAP": "k:9092", "DM_BRIDGE_BATCH_SIZE": "50", "DM_BRIDGE_PUBLISH_EVENTS": "no"}
+    s = BridgeSettings.from_env(env, group="mine")
+    assert (s.bootstrap, s.batch_size, s.publish_events, s.group) == ("k:9092", 50, False, "mine")
+    assert s.requests_topic == "dm.requests" and s.bootstrap_servers == ["k:9092"]
+    with pytest.raises(ConfigError, match="DM_BRIDGE_LOCK_TTL='soon' is not a valid float"):
+        BridgeSettings.from_env({"DM_BRIDGE_LOCK_TTL": "soon"})
+    with pytest.raises(ConfigError, match="DM_KAFKA_BOOTSTRAP"):
+        BridgeSettings(bootstrap="").require_bootstrap()
+
+
+def test_backoff_doubles_up_to_its_cap_and_starts_over_after_a_reset() -> None:
+    backoff = Backoff(0.5, 4.0)
+    delays = [backoff.next() for _ in range(6)]
+    assert all(0.8 * f <= d <= f for d, f in zip(delays, [0.5, 1, 2, 4, 4, 4], strict=True))
+    backoff.reset()
+    assert backoff.next() <= 0.5
