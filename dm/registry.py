@@ -319,12 +319,16 @@ class Registry:
 
     # -- the Kafka bridge: bulk intake, event publishing ---------------------------------
 
-    def create_deployments(self, items: list[tuple[DeployRequest, Doc]]) -> list[tuple[Doc, bool]]:
+    def create_deployments(
+        self, items: list[tuple[DeployRequest, Doc]], first_events: bool = True
+    ) -> list[tuple[Doc, bool]]:
         """Record ``pending`` deployments with one ``insert_many``; idempotent on request id.
 
         ``items`` are (request, algorithm document) with distinct request ids. Returns
         (deployment, created) per item, in order: a request id already recorded gives back
-        the first deployment, and writes again its ``pending`` event if a crash lost it.
+        the first deployment. Then (unless ``first_events`` is False: the caller calls
+        :meth:`write_first_events`) each new deployment's ``pending`` event is written, and
+        a known one's again if a crash lost it.
         """
         from pymongo.errors import BulkWriteError
 
@@ -339,18 +343,16 @@ class Registry:
                 raise
             refused = sorted(int(e["index"]) for e in errors)
         results: list[tuple[Doc, bool]] = [(doc, True) for doc in docs]
-        existing: list[Doc] = []
         if refused:
             query = {"request_id": {"$in": [docs[i]["request_id"] for i in refused]}}
             found = {d["request_id"]: d for d in self.deployments.find(query)}
-            existing = list(found.values())
             for i in refused:
                 if docs[i]["request_id"] in found:
                     results[i] = (found[docs[i]["request_id"]], False)
                 else:  # a clash of the random _id, not of the request id: again, with a new id
-                    results[i] = self.create_deployments([items[i]])[0]
-        inserted = set(range(len(docs))) - set(refused)
-        self._first_events([docs[i] for i in sorted(inserted)], existing)
+                    results[i] = self.create_deployments([items[i]], first_events=False)[0]
+        if first_events:
+            self.write_first_events([d for d, new in results if new], [d for d, new in results if not new])
         return results
 
     def _pending_doc(self, request: DeployRequest, algorithm: Doc) -> Doc:
@@ -379,8 +381,9 @@ class Registry:
             "updated_at": now,
         }
 
-    def _first_events(self, created: list[Doc], existing: list[Doc]) -> None:
-        """Write the rev-0 ``pending`` event of each new deployment, and of existing ones that lack it.
+    @staticmethod
+    def first_event(doc: Doc, published: bool = False) -> Doc:
+        """The rev-0 ``pending`` event of a deployment.
 
         Its ``_id`` is derived from the deployment (creation second + a hash of its id), so
         writing it twice is refused by the ``_id`` index: two bridges racing on one request
@@ -389,32 +392,36 @@ class Registry:
         import hashlib
 
         from bson import ObjectId
+
+        oid = int(doc["created_at"]).to_bytes(4, "big") + hashlib.sha256(doc["_id"].encode()).digest()[:8]
+        return {
+            "_id": ObjectId(oid),
+            "deployment_id": doc["_id"],
+            "request_id": doc["request_id"],
+            "algorithm": doc["algorithm"],
+            "state": PENDING,
+            "node": None,
+            "generation": 0,
+            "rev": 0,
+            "time": doc["created_at"],
+            "reason": "requested",
+            "exit_code": None,
+            "published": published,
+        }
+
+    def write_first_events(self, created: list[Doc], known: list[Doc], published: bool = False) -> None:
+        """Write the ``pending`` event of new deployments, and of known ones that lack it (a crash).
+
+        ``published``: the new ones' events were already sent to Kafka (by the lease holder).
+        """
         from pymongo.errors import BulkWriteError
 
-        missing = existing
-        if existing:
-            query = {"deployment_id": {"$in": [d["_id"] for d in existing]}, "rev": 0}
+        missing = known
+        if known:
+            query = {"deployment_id": {"$in": [d["_id"] for d in known]}, "rev": 0}
             have = {e["deployment_id"] for e in self.events.find(query, {"deployment_id": 1})}
-            missing = [d for d in existing if d["_id"] not in have]
-        rows = []
-        for doc in created + missing:
-            oid = int(doc["created_at"]).to_bytes(4, "big") + hashlib.sha256(doc["_id"].encode()).digest()[:8]
-            rows.append(
-                {
-                    "_id": ObjectId(oid),
-                    "deployment_id": doc["_id"],
-                    "request_id": doc["request_id"],
-                    "algorithm": doc["algorithm"],
-                    "state": PENDING,
-                    "node": None,
-                    "generation": 0,
-                    "rev": 0,
-                    "time": doc["created_at"],
-                    "reason": "requested",
-                    "exit_code": None,
-                    "published": False,
-                }
-            )
+            missing = [d for d in known if d["_id"] not in have]
+        rows = [self.first_event(d, published) for d in created] + [self.first_event(d) for d in missing]
         try:
             if rows:
                 self.events.insert_many(rows, ordered=False)

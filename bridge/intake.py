@@ -1,0 +1,132 @@
+"""The request path for a batch of messages: screen, record, enqueue.
+
+1. **screen**: decode each message and check it against the repository (known
+   algorithm and version, allowed args); what fails becomes a :class:`DeadLetter`;
+2. **record**: one bulk insert of the batch's deployments, idempotent on request id
+   (:meth:`dm.registry.Registry.create_deployments`), then their ``pending`` events;
+3. **enqueue**: one ``dm.deploy`` task per deployment still ``pending``
+   (:class:`bridge.enqueue.DeployTasks`: one Redis round trip for the batch).
+
+An outage of MongoDB or Redis raises (one of :data:`OUTAGES`): the caller retries,
+which is harmless since the request id makes every step idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kombu.exceptions import KombuError
+from pymongo.errors import PyMongoError
+from redis.exceptions import RedisError
+
+from bridge.enqueue import DeployTasks
+from bridge.messages import DeadLetter, Rejected, decode_request
+from bridge.settings import BridgeSettings
+from dm.control import Control
+from dm.errors import BadRequest, DMError, InvalidArgs, RegistryUnavailable, UnknownAlgorithm
+from dm.models import PENDING, AlgorithmSpec, DeployRequest
+from dm.package import validate_args
+from dm.registry import Doc
+
+log = logging.getLogger("dm.bridge")
+
+#: outages waited out with a retry: never a reason to dead-letter a message
+OUTAGES: tuple[type[BaseException], ...] = (PyMongoError, RedisError, KombuError, RegistryUnavailable)
+
+
+@dataclass
+class Outcome:
+    """What becomes of a batch of messages."""
+
+    #: (request, algorithm document) of each acceptable message
+    accepted: list[tuple[DeployRequest, Doc]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    #: deployments to send ``dm.deploy`` for (new ones, and known ones still pending)
+    deploy: list[Doc] = field(default_factory=list)
+    created: int = 0
+    known: int = 0
+
+
+class Intake:
+    def __init__(self, ctl: Control, settings: BridgeSettings, tasks: DeployTasks | None = None) -> None:
+        self.ctl, self.settings = ctl, settings
+        if tasks is None:
+            from dm.app import app
+
+            tasks = DeployTasks(app)
+        self.tasks = tasks
+
+    def screen(self, records: Sequence[Any]) -> Outcome:
+        """Sort a batch into acceptable requests (with their algorithm) and dead letters."""
+        outcome = Outcome()
+        algorithms: dict[tuple[str, str | None], Doc | DMError] = {}
+        specs: dict[str, AlgorithmSpec] = {}
+        for record in records:
+            try:
+                request = decode_request(record.value, self.settings.max_message_bytes, self.settings.max_request_id)
+                key = (request.algorithm, request.version)
+                if key not in algorithms:
+                    algorithms[key] = self._algorithm(*key)
+                algorithm = algorithms[key]
+                if isinstance(algorithm, DMError):
+                    raise Rejected.of(algorithm)
+                if algorithm["_id"] not in specs:
+                    specs[algorithm["_id"]] = AlgorithmSpec.from_dict(algorithm["spec"])
+                validate_args(specs[algorithm["_id"]], request.args)
+            except Rejected as exc:
+                outcome.dead.append(dead_letter(record, exc))
+            except (InvalidArgs, BadRequest) as exc:
+                outcome.dead.append(dead_letter(record, Rejected.of(exc)))
+            except OUTAGES:
+                raise
+            except Exception as exc:  # a bug, but one message must not stall its partition
+                log.exception("requests: unexpected error on %s[%d]@%d", record.topic, record.partition, record.offset)
+                reason = f"the bridge failed on this message ({type(exc).__name__}: {exc}); please report it"
+                outcome.dead.append(dead_letter(record, Rejected(reason, "internal")))
+            else:
+                outcome.accepted.append((request, algorithm))
+        return outcome
+
+    def _algorithm(self, name: str, version: str | None) -> Doc | DMError:
+        try:
+            return self.ctl.registry.get_algorithm(name, version)
+        except UnknownAlgorithm as exc:
+            return exc
+
+    def record(self, outcome: Outcome, announce: Callable[[list[Doc]], bool] | None = None) -> None:
+        """Record the accepted requests (a request id twice in a batch is one deployment).
+
+        ``announce(new deployments)`` may publish their ``pending`` events first and say so;
+        they are then written already marked published.
+        """
+        unique: dict[str, tuple[DeployRequest, Doc]] = {}
+        for request, algorithm in outcome.accepted:
+            unique.setdefault(request.request_id or "", (request, algorithm))
+        registry = self.ctl.registry
+        results = registry.create_deployments(list(unique.values()), first_events=False)
+        created = [doc for doc, new in results if new]
+        published = bool(created) and announce is not None and announce(created)
+        registry.write_first_events(created, [doc for doc, new in results if not new], published)
+        outcome.created = len(created)
+        outcome.known = len(results) - outcome.created
+        # a known one still pending may have been recorded just before a crash, and never enqueued
+        outcome.deploy = [doc for doc, created in results if created or doc["state"] == PENDING]
+
+    def enqueue(self, outcome: Outcome) -> None:
+        self.tasks.send(outcome.deploy)
+
+
+def dead_letter(record: Any, exc: Rejected) -> DeadLetter:
+    return DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        reason=str(exc),
+        error=exc.code,
+        key=record.key,
+        value=record.value,
+        timestamp=record.timestamp,
+    )
