@@ -26,15 +26,13 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, command_line, machine, table, verdict, wait_for
+from bench._common import DOC, ROOT, table, verdict, wait_for, write_section
 
-DOC = ROOT / "docs" / "benchmarks-bridge.md"
 GOAL_RATE = 2000.0
 BATCH = 500
 
@@ -229,12 +227,7 @@ def report(args: argparse.Namespace, f: dict[str, Any], seconds: float) -> None:
     )
     print(body)
     if not args.no_doc:
-        DOC.write_text(
-            "<!-- bench:bridge -->\n## Kafka bridge: requests accepted per second\n\n"
-            f"Run on {date.today().isoformat()}; machine: {machine()}.\n\n"
-            f"```sh\n{command_line()}\n```\n\n{body}\n<!-- /bench:bridge -->\n"
-        )
-        print(f"wrote {DOC.relative_to(ROOT)}")
+        print("wrote", write_section("bridge", "Kafka bridge: requests accepted per second", body))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dm.errors import ConfigError
 #: env prefix of every bridge setting
 ENV_PREFIX = "DM_BRIDGE_"
 #: Redis key of the lease held by the one bridge that publishes events
-EVENTS_LOCK = "dm:lock:bridge-events"
+EVENTS_LOCK = c.EVENTS_LOCK
 
 
 @dataclass(frozen=True)

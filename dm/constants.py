@@ -33,6 +33,8 @@ PLACEMENT_LOCK = "dm:lock:placement"
 HEARTBEAT_LOCK = "dm:lock:heartbeat"
 #: lock held while the node manager starts or stops nodes
 NODE_MANAGER_LOCK = "dm:lock:nodes"
+#: lease held by the one bridge that publishes deployment events to Kafka
+EVENTS_LOCK = "dm:lock:bridge-events"
 #: pub/sub channel a node listens on for kill orders (fencing)
 NODE_CHANNEL = "dm:node:{}:control"
 
