@@ -187,40 +187,18 @@ class Registry:
     # -- deployments -------------------------------------------------------------
 
     def create_deployment(self, request: DeployRequest, algorithm: Doc) -> tuple[Doc, bool]:
-        """Record a ``pending`` deployment; the same request id gives back the first one."""
-        spec = algorithm["spec"]
-        now = time.time()
-        dep_id = new_id()
-        doc: Doc = {
-            "_id": dep_id,
-            "request_id": request.request_id or dep_id,
-            "algorithm": algorithm["name"],
-            "version": algorithm["version"],
-            "sha256": algorithm["sha256"],
-            "args": request.args,
-            "command": spec["command"],
-            "env": spec.get("env") or {},
-            "demand": spec["demand"],
-            "restart": spec["restart"],
-            "state": PENDING,
-            "node": None,
-            "generation": 0,
-            "rev": 0,
-            "pid": None,
-            "restarts": 0,
-            "exit_code": None,
-            "reason": "requested",
-            "created_at": now,
-            "updated_at": now,
-        }
+        """Record a ``pending`` deployment; the same request id gives back the first one
+        (and writes its ``pending`` event again if a crash lost it)."""
+        doc = self._pending_doc(request, algorithm)
         try:
             self.deployments.insert_one(doc)
         except DuplicateKeyError:
             existing = self.deployments.find_one({"request_id": doc["request_id"]})
             if existing is None:  # pragma: no cover - the unique index says it exists
                 raise
+            self.write_first_events([], [existing])
             return existing, False
-        self._event(doc)
+        self.write_first_events([doc], [])
         return doc, True
 
     def get_deployment(self, dep_id: str) -> Doc:
@@ -356,7 +334,7 @@ class Registry:
         return results
 
     def _pending_doc(self, request: DeployRequest, algorithm: Doc) -> Doc:
-        # the same document as create_deployment's
+        """A new deployment as it is first recorded: ``pending``, generation 0, rev 0."""
         spec, now, dep_id = algorithm["spec"], time.time(), new_id()
         return {
             "_id": dep_id,
