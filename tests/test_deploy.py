@@ -6,6 +6,8 @@ import io
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -170,3 +172,33 @@ def _alive(pid: int) -> bool:
 
 
 _ = (signal, EXAMPLES)
+
+
+def test_a_listing_piped_into_a_reader_that_quits_early_ends_quietly(make_system):
+    # Given some events to list
+    system = make_system(nodes=1)
+    system.add_examples("hello")
+    dep = system.deploy("hello")
+    system.wait_state(dep["id"], "succeeded")
+
+    # When `dm events` writes into a pipe whose reader has gone (like `| head -1`)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dm", "events", "--follow"],
+        env=system.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    system.deploy("hello")  # more events to write into the closed pipe
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # Then it exits 0 without a traceback
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
