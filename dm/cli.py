@@ -450,8 +450,6 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:
-        from dm.errors import DMError as _D  # noqa: F401
-
         name = type(exc).__name__
         if name in ("TimeoutError",):
             print(f"dm: timed out: {exc}", file=sys.stderr)

@@ -32,11 +32,20 @@ Say = Callable[[str], None]
 FLOWER_AUTH_VAR = "DM_FLOWER_AUTH"
 
 
-def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    name: str, cmd: list[str], env: dict[str, str], logs: Path, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session (our Ctrl-C does not reach it), output to ``logs/<name>.log``."""
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / f"{name}.log", "ab") as out:
         return subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
 
 
@@ -101,7 +110,7 @@ def up(
             procs["bridge"] = [sys.executable, "-m", "bridge"]
         for name, cmd in procs.items():
             own_env = env | {"FLOWER_BASIC_AUTH": flower_auth} if name == "flower" and flower_auth else env
-            proc = _spawn(name, cmd, own_env, logs)
+            proc = spawn(name, cmd, own_env, logs)
             state["processes"][name] = proc.pid
             _write(home, state)
             say(f"  {name} started (pid {proc.pid}, log {logs / (name + '.log')})")

@@ -21,6 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "algorithms"
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not count)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, OSError):
+        return False
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
     """Poll until ``predicate()`` is truthy; fail with ``what`` and the last value otherwise."""
     deadline = time.monotonic() + timeout
@@ -77,11 +87,9 @@ class System:
     # -- processes --------------------------------------------------------------
 
     def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        from dm.launcher import spawn
+
+        proc = spawn(name, cmd, self.env, self.logs, cwd=ROOT)
         self.procs[name] = proc
         return proc
 

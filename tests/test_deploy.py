@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -18,7 +16,7 @@ import pytest
 from dm import fleet
 from dm.errors import InvalidArgs, UnknownAlgorithm
 from dm.models import AlgorithmSpec
-from tests.system import EXAMPLES, wait_for
+from tests.system import alive, wait_for
 
 
 def test_hello_succeeds_and_its_output_with_args_is_in_dm_logs(make_system):
@@ -143,7 +141,7 @@ def test_stop_ends_a_running_service_and_its_process(make_system):
     assert result.returncode == 0, result.stderr
     stopped = system.wait_state(dep["id"], "stopped")
     assert stopped["state"] == "stopped"
-    wait_for(lambda: not _alive(running["pid"]), 10, what="the service process to exit")
+    wait_for(lambda: not alive(running["pid"]), 10, what="the service process to exit")
     assert fleet.allocations(system.ctl.redis, running["node"]) == {}
 
 
@@ -157,21 +155,6 @@ def test_a_crashed_package_copy_is_fetched_again(make_system):
     (system.home / "cache").mkdir()
     second = system.deploy("hello")
     assert system.wait_state(second["id"], "succeeded", "failed")["state"] == "succeeded"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-_ = (signal, EXAMPLES)
 
 
 def test_a_listing_piped_into_a_reader_that_quits_early_ends_quietly(make_system):

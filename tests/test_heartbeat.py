@@ -14,16 +14,7 @@ from pathlib import Path
 from dm import fleet
 from dm.models import ACTIVE_STATES
 from tests.ledger import instances, overlaps
-from tests.system import EXAMPLES, System, wait_for
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, OSError):
-        return False
+from tests.system import EXAMPLES, System, alive, wait_for
 
 
 def variant(tmp_path: Path, base: str, name: str, **fields: str) -> Path:

@@ -29,8 +29,8 @@ from dm.errors import ConfigError
 from dm.providers.command import render
 from tests.ledger import instances, overlaps
 from tests.netns import TEST_RANGE, BoundServers, TestHost, TestNet, bound_servers, needs_root, node_argv, testnet
-from tests.system import ROOT, System, wait_for
-from tests.test_heartbeat import alive, variant
+from tests.system import ROOT, System, alive, wait_for
+from tests.test_heartbeat import variant
 from workers.agent import bounded
 
 __all__ = ["bound_servers", "testnet"]  # fixtures, used by name
