@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -110,6 +111,8 @@ class Harness:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stack: Any = None
         self.env: dict[str, str] = {}
+        #: set when the run ends: background threads of the benchmark stop on it
+        self.stopping = threading.Event()
 
     def __enter__(self) -> Harness:
         from dm.embedded import EmbeddedStack
@@ -138,6 +141,7 @@ class Harness:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
         self.close()
 
     def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:

@@ -1,16 +1,19 @@
 """Placement throughput: ``dm.deployer.place`` per second with 50 registered nodes.
 
 Starts a private embedded stack (no dm processes), registers 50 fake nodes in Redis
-(``up``, 16 cpus / 64 GiB, a random metrics sample and a long lease: room for all), records
-``--count`` pending deployments, and times ``place(ctl, id)`` on each, one after another:
-it reads the deployment, takes the placement lock, snapshots the fleet, chooses,
-compare-and-sets ``scheduled`` (plus its event), allocates, and sends ``dm.run`` to the
-node's queue (nothing consumes it). Baseline, in the same run: the registry's raw
-single-document write rate, ``update_one`` of a deployment-like document by id and
-state (placement's own write is such an update), and ``insert_one`` for reference, on a
-collection with the same indexes as ``deployments``.
+(``up``, 16 cpus / 64 GiB, a random metrics sample renewed every second as node agents
+do, and a long lease: room for all), records ``--count`` pending deployments, reads them
+in one query (as the heartbeat lists the waiting ones), and times ``place(ctl, id, doc)``
+on each, one after another: it takes the placement lock, snapshots the fleet, chooses,
+compare-and-sets ``scheduled`` (its event in the same write), allocates, and sends
+``dm.run`` to the node's queue (nothing consumes it). And ``deploy(ctl, request)`` of as
+many new requests: decide, one insert of the deployment already ``scheduled``, allocate,
+send. Baseline, in the same run: the registry's raw single-document write rates,
+``update_one`` of a deployment-like document by id and state, and ``insert_one``, on
+the ``deployments`` collection itself (same indexes, same size).
 Blocks of placements and of baseline writes alternate, so both see the same machine.
-Goal: placements/s at least half the ``update_one`` rate.
+Goal: placements/s at least half the raw rate of the write each makes (``update_one``
+for ``place``, ``insert_one`` for ``deploy``).
 
 A second, instrumented pass times each piece of ``place`` to show where the cost is.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -73,11 +77,21 @@ def setup(h: Harness, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     archive, sha = pack(directory)
     algorithm = ctl.registry.add_algorithm(load_spec(directory), archive, sha)
     rng = random.Random(1)
-    for i in range(args.nodes):
-        node_id = f"n{i + 1:03d}"
+    usage = {f"n{i + 1:03d}": (rng.uniform(5, 40), rng.uniform(5, 40)) for i in range(args.nodes)}
+    for node_id in usage:
         fleet.register_node(ctl.redis, node_id, cpus=16, memory=65536, state="up", host="bench")
-        sample = MetricsSample(node_id, cpu=rng.uniform(5, 40), ram=rng.uniform(5, 40))
-        fleet.publish(ctl.redis, sample, lease_ttl=600, token="bench")
+
+    def publish() -> None:  # as each node agent does every second: a new sample and its lease
+        for node_id, (cpu, ram) in usage.items():
+            fleet.publish(ctl.redis, MetricsSample(node_id, cpu=cpu, ram=ram), lease_ttl=600, token="bench")
+
+    publish()
+
+    def samples() -> None:
+        while not h.stopping.wait(1.0):
+            publish()
+
+    threading.Thread(target=samples, name="samples", daemon=True).start()
     return ctl, algorithm
 
 
@@ -93,15 +107,12 @@ def create(ctl: Any, algorithm: dict[str, Any], count: int) -> tuple[list[str], 
 
 def run(h: Harness, args: argparse.Namespace) -> dict[str, Any]:
     from dm import deployer
-    from dm.models import SCHEDULED
+    from dm.models import SCHEDULED, DeployRequest
 
     ctl, algorithm = setup(h, args)
-    raw = ctl.registry.db["bench_raw_writes"]
-    # the same indexes as the deployments collection: a write pays for each of them
-    for name, info in ctl.registry.deployments.index_information().items():
-        if name != "_id_":
-            raw.create_index(info["key"], unique=info.get("unique", False))
-    results: dict[str, Any] = {"place": [], "update": [], "insert": [], "blocks": [], "create": []}
+    # the baseline writes go to the deployments collection itself: same indexes, same size
+    raw = ctl.registry.deployments
+    results: dict[str, Any] = {"place": [], "update": [], "insert": [], "blocks": [], "create": [], "deploy": []}
     # warm-up: connections, the Celery producer pool, the lock script
     for dep_id in create(ctl, algorithm, 5)[0]:
         deployer.place(ctl, dep_id)
@@ -113,7 +124,8 @@ def run(h: Harness, args: argparse.Namespace) -> dict[str, Any]:
         block, seconds = create(ctl, algorithm, min(BLOCK, args.count - done))
         results["create"].append((len(block), seconds))
         # baseline: raw inserts, then the CAS-like update of each, of deployment-like documents
-        docs = [{**template, "_id": f"raw-{done + i}", "request_id": f"raw-{done + i}"} for i in range(len(block))]
+        docs = [{**template, "_id": f"raw-{done + i}", "request_id": f"raw-{done + i}", "state": "pending",
+                 "generation": 0} for i in range(len(block))]  # fmt: skip
         t0 = time.perf_counter()
         for doc in docs:
             raw.insert_one(doc)
@@ -127,17 +139,25 @@ def run(h: Harness, args: argparse.Namespace) -> dict[str, Any]:
                  "$inc": {"rev": 1, "generation": 1}},
             )  # fmt: skip
         results["update"].append((len(docs), time.perf_counter() - t0))
-        # dm: place each
+        # dm: place each, as the heartbeat places waiting ones: listed in one read, then placed
+        listed = {d["_id"]: d for d in ctl.registry.deployments.find({"_id": {"$in": block}})}
         times = []
         t0 = time.perf_counter()
         for dep_id in block:
             t = time.perf_counter()
-            placed = deployer.place(ctl, dep_id)
+            placed = deployer.place(ctl, dep_id, listed[dep_id])
             times.append(time.perf_counter() - t)
             if placed["state"] != SCHEDULED:
                 raise RuntimeError(f"deployment {dep_id} was not placed: {placed['state']} ({placed.get('reason')})")
         results["blocks"].append((len(block), time.perf_counter() - t0))
         results["place"] += times
+        # dm: new requests, recorded already placed (the path of `deploy.delay`)
+        t0 = time.perf_counter()
+        for i in range(len(block)):
+            made = deployer.deploy(ctl, DeployRequest(algorithm=ALGORITHM, request_id=f"bench-new-{done + i}"))
+            if made["state"] != SCHEDULED:
+                raise RuntimeError(f"request {done + i} was not placed: {made['state']} ({made.get('reason')})")
+        results["deploy"].append((len(block), time.perf_counter() - t0))
         done += len(block)
     results["create_rate"] = sum(n for n, _ in results["create"]) / sum(t for _, t in results["create"])
     results["nodes_used"] = len({d["node"] for d in ctl.registry.deployments.find({}, {"node": 1})})
@@ -163,6 +183,23 @@ class _TimedLock:
         self.record("lock acquire + release (Redis)", time.perf_counter() - t)
 
 
+class _TimedPipeline:
+    """A Redis pipeline whose ``execute`` is timed (allocation + the ``dm.run`` message)."""
+
+    def __init__(self, pipe: Any, record: Callable[[str, float], None]) -> None:
+        self.pipe, self.record = pipe, record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def execute(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return self.pipe.execute()
+        finally:
+            self.record("allocate + dispatch (one Redis pipeline)", time.perf_counter() - t)
+
+
 def split(ctl: Any, algorithm: dict[str, Any], count: int) -> dict[str, float]:
     """Mean seconds per placement spent in each piece of ``place`` (wrapped, then restored)."""
     from dm import balancer, deployer, fleet
@@ -183,25 +220,26 @@ def split(ctl: Any, algorithm: dict[str, Any], count: int) -> dict[str, float]:
         return wrapper
 
     ids, _ = create(ctl, algorithm, count)
+    listed = {d["_id"]: d for d in ctl.registry.deployments.find({"_id": {"$in": ids}})}
     originals = {
         (fleet, "snapshot"): fleet.snapshot,
         (balancer, "choose"): balancer.choose,
         (fleet, "allocate"): fleet.allocate,
-        (deployer, "dispatch"): deployer.dispatch,
     }
     registry, r = ctl.registry, ctl.redis
     try:
-        fleet.snapshot = timed("snapshot (Redis pipeline + views)", fleet.snapshot)
+        fleet.snapshot = timed("snapshot (one Redis script + views)", fleet.snapshot)
         balancer.choose = timed("choose (balancer, pure)", balancer.choose)
-        fleet.allocate = timed("allocate (Redis HSET)", fleet.allocate)
-        deployer.dispatch = timed("dispatch (Celery send_task)", deployer.dispatch)
+        fleet.allocate = timed("queue the allocation (into the pipeline)", fleet.allocate)
+        pipeline = r.pipeline
+        r.pipeline = lambda *a, **k: _TimedPipeline(pipeline(*a, **k), record)
         registry.get_deployment = timed("read the deployment (MongoDB find_one)", registry.get_deployment)
-        registry.transition = timed("registry write (CAS find_one_and_update + event insert)", registry.transition)
+        registry.transition = timed("registry write (CAS update_one, its event in the same write)", registry.transition)
         lock = r.lock
         r.lock = lambda *a, **k: _TimedLock(lock(*a, **k), record)
         t0 = time.perf_counter()
         for dep_id in ids:
-            deployer.place(ctl, dep_id)
+            deployer.place(ctl, dep_id, listed[dep_id])
         total = time.perf_counter() - t0
     finally:
         for (module, name), fn in originals.items():
@@ -209,6 +247,7 @@ def split(ctl: Any, algorithm: dict[str, Any], count: int) -> dict[str, float]:
         for name in ("get_deployment", "transition"):
             registry.__dict__.pop(name, None)
         r.__dict__.pop("lock", None)
+        r.__dict__.pop("pipeline", None)
     parts = {name: seconds / count for name, seconds in spent.items()}
     parts["other (Python in place, loop)"] = total / count - sum(parts.values())
     parts["total"] = total / count
@@ -220,21 +259,24 @@ def report(args: argparse.Namespace, res: dict[str, Any], elapsed: float) -> Non
         return sum(n for n, _ in blocks) / sum(s for _, s in blocks)
 
     place_rate, update_rate, insert_rate = rate(res["blocks"]), rate(res["update"]), rate(res["insert"])
+    deploy_rate = rate(res["deploy"])
     first, last = res["blocks"][0], res["blocks"][-1]
-    ok = place_rate >= GOAL_FRACTION * update_rate
+    ok = place_rate >= GOAL_FRACTION * update_rate and deploy_rate >= GOAL_FRACTION * insert_rate
     lat = res["place"]
     rates = table(
         ["operation", "n", "per second", "mean ms", "p50 ms", "p99 ms"],
         [
-            ["baseline: `update_one` by id + state (raw CAS-like write, same indexes)",
+            ["baseline: `update_one` by id + state (raw CAS-like write, same collection)",
              sum(n for n, _ in res["update"]),
              f"{update_rate:.0f}", f"{1000 / update_rate:.2f}", "", ""],
-            ["baseline: `insert_one` of a deployment-like document", sum(n for n, _ in res["insert"]),
+            ["baseline: `insert_one` of a deployment-like document (same collection)", sum(n for n, _ in res["insert"]),
              f"{insert_rate:.0f}", f"{1000 / insert_rate:.2f}", "", ""],
             [f"dm: `place()` with {args.nodes} nodes", len(lat), f"{place_rate:.0f}", f"{1000 / place_rate:.2f}",
              f"{percentile(lat, 50) * 1000:.2f}", f"{percentile(lat, 99) * 1000:.2f}"],
-            ["(for reference) `create_deployment` (insert + event)", args.count, f"{res['create_rate']:.0f}",
-             f"{1000 / res['create_rate']:.2f}", "", ""],
+            ["dm: `deploy()` of a new request (decision + one insert with its events + dispatch)",
+             sum(n for n, _ in res["deploy"]), f"{deploy_rate:.0f}", f"{1000 / deploy_rate:.2f}", "", ""],
+            ["(for reference) `create_deployment` (one insert, its event inside)", args.count,
+             f"{res['create_rate']:.0f}", f"{1000 / res['create_rate']:.2f}", "", ""],
         ],
     )  # fmt: skip
     parts = res["split"]
@@ -249,14 +291,17 @@ def report(args: argparse.Namespace, res: dict[str, Any], elapsed: float) -> Non
         f"deployments already recorded and allocated across the nodes): {last[0] / last[1]:.0f}/s."
     )
     summary = (
-        f"placements/s vs raw `update_one`/s: **{place_rate / update_rate:.2f}** "
-        f"(goal >= {GOAL_FRACTION}): **{verdict(ok)}**"
+        f"`place()`/s vs raw `update_one`/s: **{place_rate / update_rate:.2f}**; "
+        f"`deploy()`/s vs raw `insert_one`/s: **{deploy_rate / insert_rate:.2f}** "
+        f"(goal >= {GOAL_FRACTION} each): **{verdict(ok)}**"
     )
     setup = (
         f"{args.nodes} fake nodes registered in Redis (`up`, 16 cpus / 64 GiB each, random 5-40% usage); the "
         "algorithm declares 0.05 cpu / 16 MiB; "
-        f"{args.count} deployments recorded and placed one after another in blocks of {BLOCK}, alternating with "
-        f"blocks of baseline writes to the same SecantusDB; they landed on {res['nodes_used']} nodes. The instrumented "
+        f"{args.count} deployments recorded `pending`, listed, then placed one after another with `place()`, "
+        f"and {args.count} new requests placed with `deploy()` (recorded "
+        f"already `scheduled`), in blocks of {BLOCK}, alternating with blocks of baseline writes to the same "
+        f"SecantusDB; they landed on {res['nodes_used']} nodes. The instrumented "
         f"pass places {args.split_count} more. Run time {elapsed:.0f} s."
     )
     print()

@@ -28,10 +28,8 @@ from kafka import errors as kafka_errors
 from bridge import broker
 from bridge.broker import KAFKA_OUTAGES, Backoff, describe
 from bridge.intake import OUTAGES, Intake, Outcome
-from bridge.messages import Event
 from bridge.publisher import EventPublisher
 from bridge.settings import BridgeSettings
-from dm.registry import Doc, Registry
 
 log = logging.getLogger("dm.bridge")
 T = TypeVar("T")
@@ -145,20 +143,11 @@ class RequestConsumer:
 
     def _deliver(self, producer: KafkaProducer, outcome: Outcome) -> None:
         """Record and enqueue the deployments, and flush the dead letters (in the helper thread)."""
-        self.intake.record(outcome, lambda created: self._announce(producer, created))
+        self.intake.record(outcome)
         self.intake.enqueue(outcome)
         self._send(producer, [(self.s.dlq_topic, d.key, d.value, d.headers()) for d in outcome.dead])
         for dead in outcome.dead:
             log.info("requests: %s[%d]@%d to the DLQ: %s", dead.topic, dead.partition, dead.offset, dead.reason)
-
-    def _announce(self, producer: KafkaProducer, created: list[Doc]) -> bool:
-        """Publish new deployments' ``pending`` events now, if this bridge holds the events lease."""
-        if self.publisher is None or not self.publisher.may_announce():
-            return False
-        events = [Event.from_doc(Registry.first_event(doc)) for doc in created]
-        self._send(producer, [(self.s.events_topic, e.key(), e.encode(), []) for e in events])
-        self.publisher.announced([doc["_id"] for doc in created])
-        return True
 
     def _send(self, producer: KafkaProducer, records: list[tuple[str, bytes | None, bytes | None, Any]]) -> None:
         """Send records and wait until every one is acknowledged (raises if one failed)."""

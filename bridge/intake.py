@@ -3,7 +3,7 @@
 1. **screen**: decode each message and check it against the repository (known
    algorithm and version, allowed args); what fails becomes a :class:`DeadLetter`;
 2. **record**: one bulk insert of the batch's deployments, idempotent on request id
-   (:meth:`dm.registry.Registry.create_deployments`), then their ``pending`` events;
+   (:meth:`dm.registry.Registry.create_deployments`), each with its ``pending`` event;
 3. **enqueue**: one ``dm.deploy`` task per deployment still ``pending``
    (:class:`bridge.enqueue.DeployTasks`: one Redis round trip for the batch).
 
@@ -14,7 +14,7 @@ which is harmless since the request id makes every step idempotent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,21 +96,15 @@ class Intake:
         except UnknownAlgorithm as exc:
             return exc
 
-    def record(self, outcome: Outcome, announce: Callable[[list[Doc]], bool] | None = None) -> None:
-        """Record the accepted requests (a request id twice in a batch is one deployment).
-
-        ``announce(new deployments)`` may publish their ``pending`` events first and say so;
-        they are then written already marked published.
-        """
+    def record(self, outcome: Outcome) -> None:
+        """Record the accepted requests (a request id twice in a batch is one deployment)
+        in one write; each deployment carries its ``pending`` event (dm.relay copies it)."""
         unique: dict[str, tuple[DeployRequest, Doc]] = {}
         for request, algorithm in outcome.accepted:
             unique.setdefault(request.request_id or "", (request, algorithm))
         registry = self.ctl.registry
-        results = registry.create_deployments(list(unique.values()), first_events=False)
-        created = [doc for doc, new in results if new]
-        published = bool(created) and announce is not None and announce(created)
-        registry.write_first_events(created, [doc for doc, new in results if not new], published)
-        outcome.created = len(created)
+        results = registry.create_deployments(list(unique.values()))
+        outcome.created = sum(1 for _, new in results if new)
         outcome.known = len(results) - outcome.created
         # a known one still pending may have been recorded just before a crash, and never enqueued
         outcome.deploy = [doc for doc, created in results if created or doc["state"] == PENDING]

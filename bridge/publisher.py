@@ -7,21 +7,17 @@ mark them published. A crash after the flush and before the mark sends those eve
 again after the restart: consumers see each (deployment_id, rev) at least once.
 
 Only the holder of a Redis lease (a key with a TTL that it renews) publishes; when it
-dies, the lease expires and another bridge takes over. The holder's intake publishes
-its new deployments' ``pending`` events (rev 0) itself, before their ``deploy`` task
-exists (so before any later event), and records them already published: a write
-saved per request, and the sequencer is told so it expects rev 1 next.
+dies, the lease expires and another bridge takes over. The events are those the
+relay (:mod:`dm.relay`) copies from the deployments, in the order the registry
+recorded them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from kafka import KafkaProducer
-from redis import Redis
-from redis.exceptions import LockError, RedisError
 
 from bridge import broker
 from bridge.broker import KAFKA_OUTAGES, Backoff, describe
@@ -30,46 +26,12 @@ from bridge.messages import Event
 from bridge.sequencer import Sequencer
 from bridge.settings import BridgeSettings
 from dm.control import Control
+from dm.lease import Lease
 
 log = logging.getLogger("dm.bridge")
 
 #: events marked published between two renewals of the lease
 MARK_SLICE = 500
-
-
-class Lease:
-    """A Redis lock with a TTL, renewed by calling :meth:`hold` more often than ``ttl / 3``."""
-
-    def __init__(self, r: Redis, key: str, ttl: float) -> None:
-        self.ttl = ttl
-        self.lock = r.lock(key, timeout=ttl, blocking=False, thread_local=False)
-        self.held = False
-        self.renewed = 0.0
-
-    def hold(self) -> bool:
-        """Take or renew the lease; False while another process holds it."""
-        now = time.monotonic()
-        if self.held and now - self.renewed < self.ttl / 3:
-            return True
-        try:
-            self.held = self.lock.reacquire() if self.held else self.lock.acquire(blocking=False)
-        except LockError:  # it expired and another took it
-            self.held = False
-        if self.held:
-            self.renewed = now
-        return self.held
-
-    def fresh(self) -> bool:
-        """Held, and renewed recently enough to stay ours for a while yet (read-only: any thread)."""
-        return self.held and time.monotonic() - self.renewed < self.ttl / 2
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                self.lock.release()
-            except (LockError, RedisError):  # it expires by itself
-                pass
 
 
 class EventPublisher:
@@ -82,15 +44,6 @@ class EventPublisher:
         self.lease = Lease(ctl.redis, settings.events_lock, settings.lock_ttl)
         self.producer: KafkaProducer | None = None
         self.published = 0
-
-    def may_announce(self) -> bool:
-        """Whether the intake may publish new deployments' ``pending`` events itself (this bridge
-        holds the lease): they then go out before their ``deploy`` task, and are written to the
-        registry already marked published, which saves a write per request."""
-        return self.producer is not None and self.lease.fresh()
-
-    def announced(self, deployment_ids: list[str]) -> None:
-        self.sequencer.note_published(deployment_ids, 0)
 
     def run(self) -> None:
         """Publish until ``stop`` is set, while holding the lease; wait out outages."""

@@ -14,6 +14,8 @@ ALGORITHMS = "algorithms"
 NODES = "nodes"
 DEPLOYMENTS = "deployments"
 EVENTS = "events"
+#: small state documents of dm itself (the relay's position)
+META = "meta"
 #: GridFS bucket of algorithm archives
 PACKAGES_BUCKET = "packages"
 
@@ -35,6 +37,10 @@ HEARTBEAT_LOCK = "dm:lock:heartbeat"
 NODE_MANAGER_LOCK = "dm:lock:nodes"
 #: lease held by the one bridge that publishes deployment events to Kafka
 EVENTS_LOCK = "dm:lock:bridge-events"
+#: lease held by the one control worker whose relay copies events (dm.relay)
+RELAY_LOCK = "dm:lock:relay"
+#: sorted set: deployment id -> time placed, of a node's recent allocations (reserved demand)
+RECENT_KEY = "dm:recent:{}"
 #: pub/sub channel a node listens on for kill orders (fencing)
 NODE_CHANNEL = "dm:node:{}:control"
 

@@ -28,6 +28,7 @@ from dm.models import (
 )
 from dm.package import validate_args
 from dm.registry import Doc
+from dm.sender import Order, TaskSender
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,47 @@ def public(doc: Doc) -> dict[str, Any]:
     return {"id": doc["_id"], **{k: doc.get(k) for k in PUBLIC_FIELDS}}
 
 
-def submit(ctl: Control, request: DeployRequest) -> tuple[Doc, bool]:
-    """Validate and record a ``pending`` deployment; returns (deployment, created)."""
-    if request.request_id:
-        existing = ctl.registry.deployments.find_one({"request_id": request.request_id})
-        if existing is not None:
-            return existing, False
+def deploy(ctl: Control, request: DeployRequest) -> Doc:
+    """Validate, decide where, and record the deployment already ``scheduled`` there in one
+    registry write (its ``pending`` and ``scheduled`` events ride along), then dispatch it.
+
+    The same request id gives back the first deployment (placed, if it still waits).
+    With no room and no node to add, it is recorded ``pending`` with the reason.
+    """
     algorithm = ctl.registry.get_algorithm(request.algorithm, request.version)
     validate_args(AlgorithmSpec.from_dict(algorithm["spec"]), request.args)
-    return ctl.registry.create_deployment(request, algorithm)
+    demand = Demand.from_dict(algorithm["spec"]["demand"])
+    with ctl.redis.lock(c.PLACEMENT_LOCK, timeout=30, blocking_timeout=60):
+        nodes = fleet.snapshot(ctl.redis, ctl.settings.reservation_settle)
+        chosen = balancer.choose(nodes, demand, ctl.settings.threshold, ctl.settings.policy)
+        if chosen is None and request.request_id:
+            # about to start a node: not for a request that is recorded already
+            known = ctl.registry.deployments.find_one({"request_id": request.request_id}, {"history": 0})
+            if known is not None:
+                return place(ctl, known["_id"], known)
+        node_id, reason = _decide(ctl, nodes, chosen)
+        doc, created = ctl.registry.create_deployment(request, algorithm, node=node_id, reason=reason)
+        doc.pop("history", None)
+        if created and node_id is not None:
+            _allocate_and_dispatch(ctl, doc, demand)
+    if not created:  # a redelivery or a retry: go on from where the first stopped
+        return place(ctl, doc["_id"], doc)
+    return doc
+
+
+def _decide(ctl: Control, nodes: list[balancer.NodeView], chosen: balancer.NodeView | None) -> tuple[str | None, str]:
+    """(node id, reason) of a placement, starting a node when none has room; (None, why) when
+    none can be added. Called with the placement lock held."""
+    settings = ctl.settings
+    if chosen is not None:
+        return chosen.id, f"placed on node-{chosen.id} (load {balancer.score(chosen):.1f})"
+    added = node_manager.add_node(ctl, nodes)
+    if added is not None:
+        return added, f"placed on new node-{added}: no node had room under {settings.threshold:g}%"
+    return None, (
+        f"waiting for room: {len(nodes)} node(s), none under {settings.threshold:g}% "
+        f"with this demand, and max_nodes={settings.max_nodes} reached"
+    )
 
 
 def transition(ctl: Control, dep_id: str, state: str, **kwargs: Any) -> Doc | None:
@@ -72,20 +105,18 @@ def place(ctl: Control, dep_id: str, doc: Doc | None = None) -> Doc:
     doc = doc if doc is not None else ctl.registry.get_deployment(dep_id)
     if doc["state"] not in (PENDING, LOST):
         return doc
-    settings = ctl.settings
     demand = Demand.from_dict(doc["demand"])
     with ctl.redis.lock(c.PLACEMENT_LOCK, timeout=30, blocking_timeout=60):
-        nodes = fleet.snapshot(ctl.redis, settings.reservation_settle)
-        chosen = balancer.choose(nodes, demand, settings.threshold, settings.policy)
-        if chosen is not None:
-            node_id = chosen.id
-            reason = f"placed on node-{node_id} (load {balancer.score(chosen):.1f})"
-        else:
-            added = node_manager.add_node(ctl, nodes)
-            if added is None:
-                return _wait_pending(ctl, doc, nodes)
-            node_id = added
-            reason = f"placed on new node-{node_id}: no node had room under {settings.threshold:g}%"
+        nodes = fleet.snapshot(ctl.redis, ctl.settings.reservation_settle)
+        chosen = balancer.choose(nodes, demand, ctl.settings.threshold, ctl.settings.policy)
+        node_id, reason = _decide(ctl, nodes, chosen)
+        if node_id is None:
+            if doc["state"] == PENDING and doc.get("reason") == reason:
+                return doc
+            waiting = ctl.registry.transition(
+                doc["_id"], PENDING, expect=(PENDING, LOST), generation=doc["generation"], reason=reason, current=doc
+            )
+            return waiting or ctl.registry.get_deployment(doc["_id"])
         placed = ctl.registry.transition(
             dep_id,
             SCHEDULED,
@@ -100,22 +131,20 @@ def place(ctl: Control, dep_id: str, doc: Doc | None = None) -> Doc:
         )
         if placed is None:  # another deployer placed or stopped it first
             return ctl.registry.get_deployment(dep_id)
-        fleet.allocate(ctl.redis, node_id, dep_id, demand)
-    dispatch(placed)
+        _allocate_and_dispatch(ctl, placed, demand)
     return placed
 
 
-def _wait_pending(ctl: Control, doc: Doc, nodes: list[balancer.NodeView]) -> Doc:
-    reason = (
-        f"waiting for room: {len(nodes)} node(s), none under {ctl.settings.threshold:g}% "
-        f"with this demand, and max_nodes={ctl.settings.max_nodes} reached"
-    )
-    if doc["state"] == PENDING and doc.get("reason") == reason:
-        return doc
-    updated = ctl.registry.transition(
-        doc["_id"], PENDING, expect=(PENDING, LOST), generation=doc["generation"], reason=reason
-    )
-    return updated or ctl.registry.get_deployment(doc["_id"])
+def _allocate_and_dispatch(ctl: Control, doc: Doc, demand: Demand) -> None:
+    """Record the allocation and send ``dm.run`` to the node, in one Redis round trip when
+    the broker is this Redis. After the registry write: the node checks the deployment."""
+    pipe = ctl.redis.pipeline(transaction=False)
+    fleet.allocate(ctl.redis, doc["node"], doc["_id"], demand, pipe=pipe)
+    same = app.conf.broker_url == ctl.settings.redis_url
+    queued = same and sender().push(pipe, [_run_order(doc)])
+    pipe.execute()
+    if not queued:
+        dispatch(doc)
 
 
 def run_payload(doc: Doc) -> dict[str, Any]:
@@ -134,14 +163,25 @@ def run_payload(doc: Doc) -> dict[str, Any]:
     }
 
 
+_sender: TaskSender | None = None
+
+
+def sender() -> TaskSender:
+    global _sender
+    if _sender is None or _sender.url != str(app.conf.broker_url or ""):
+        _sender = TaskSender(app)
+    return _sender
+
+
+def _run_order(doc: Doc) -> Order:
+    # argsrepr: what Flower shows for the task: the algorithm, the deployment and its generation
+    argsrepr = f"{doc['algorithm']} deployment={doc['_id']} generation={doc['generation']}"
+    return ("dm.run", c.NODE_QUEUE_PREFIX + doc["node"], [run_payload(doc)], {}, argsrepr)
+
+
 def dispatch(doc: Doc) -> None:
-    app.send_task(
-        "dm.run",
-        args=[run_payload(doc)],
-        queue=c.NODE_QUEUE_PREFIX + doc["node"],
-        # what Flower shows for the task: the algorithm, the deployment and its generation
-        argsrepr=f"{doc['algorithm']} deployment={doc['_id']} generation={doc['generation']}",
-    )
+    """Send ``dm.run`` of a placed deployment to its node's queue."""
+    sender().send([_run_order(doc)])
 
 
 def place_pending(ctl: Control, limit: int = 100) -> int:

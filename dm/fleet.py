@@ -1,9 +1,11 @@
 """The fleet's hot state in Redis: node capacity and metrics, leases, allocations.
 
-Placement reads everything it needs here in one pipeline; MongoDB keeps the
+Placement reads everything it needs here in one script call; MongoDB keeps the
 durable record. An allocation is the declared demand of a deployment placed on a
 node; it counts as *reserved* on top of measured usage until the node's metrics
-have had time to show it.
+have had time to show it. Each node's hash keeps running totals of its allocations
+(``alloc_cpu``, ``alloc_memory``, ``alloc_n``), and a sorted set its recent ones, so a
+snapshot costs the same with 10 deployments as with 10,000.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def set_state(r: redis.Redis, node_id: str, state: str) -> None:
 def remove_node(r: redis.Redis, node_id: str) -> None:
     pipe = r.pipeline()
     pipe.srem(c.NODES_KEY, node_id)
-    pipe.delete(c.NODE_KEY.format(node_id), c.ALLOC_KEY.format(node_id), c.LEASE_KEY.format(node_id))
+    pipe.delete(c.NODE_KEY.format(node_id), c.ALLOC_KEY.format(node_id), c.LEASE_KEY.format(node_id),
+                c.RECENT_KEY.format(node_id))  # fmt: skip
     pipe.execute()
 
 
@@ -103,58 +106,142 @@ def node_hashes(r: redis.Redis) -> dict[str, dict[str, str]]:
     return dict(zip(ids, pipe.execute(), strict=True))
 
 
+#: allocate: KEYS alloc hash, node hash, recent set; ARGV dep id, cpu, memory, time, JSON.
+#: The node hash keeps running totals: alloc_* of every allocation, res_* of the recent ones.
+_ALLOCATE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local a = cjson.decode(old)
+  redis.call('HINCRBYFLOAT', KEYS[2], 'alloc_cpu', tostring(-a.cpu))
+  redis.call('HINCRBYFLOAT', KEYS[2], 'alloc_memory', tostring(-a.memory))
+  if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
+    redis.call('HINCRBYFLOAT', KEYS[2], 'res_cpu', tostring(-a.cpu))
+    redis.call('HINCRBYFLOAT', KEYS[2], 'res_memory', tostring(-a.memory))
+  end
+else
+  redis.call('HINCRBY', KEYS[2], 'alloc_n', 1)
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+redis.call('HINCRBYFLOAT', KEYS[2], 'alloc_cpu', ARGV[2])
+redis.call('HINCRBYFLOAT', KEYS[2], 'alloc_memory', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('HINCRBYFLOAT', KEYS[2], 'res_cpu', ARGV[2])
+redis.call('HINCRBYFLOAT', KEYS[2], 'res_memory', ARGV[3])
+"""
+#: release: KEYS alloc hash, node hash, recent set; ARGV dep id
+_RELEASE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local recent = redis.call('ZREM', KEYS[3], ARGV[1])
+if not old then return 0 end
+local a = cjson.decode(old)
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HINCRBYFLOAT', KEYS[2], 'alloc_cpu', tostring(-a.cpu))
+redis.call('HINCRBYFLOAT', KEYS[2], 'alloc_memory', tostring(-a.memory))
+redis.call('HINCRBY', KEYS[2], 'alloc_n', -1)
+if recent == 1 then
+  redis.call('HINCRBYFLOAT', KEYS[2], 'res_cpu', tostring(-a.cpu))
+  redis.call('HINCRBYFLOAT', KEYS[2], 'res_memory', tostring(-a.memory))
+end
+return 1
+"""
+#: snapshot: KEYS the node set; ARGV settle seconds, node key pattern, alloc pattern, recent pattern.
+#: Per node: id, then cpus, memory, state, cpu, ram, alloc_cpu, alloc_memory, alloc_n, and the
+#: reserved cpu and memory (as strings: Lua numbers come back as integers). Reserved is what
+#: was placed after the node's last sample minus settle: allocations older than that leave
+#: the recent set and its totals here (with settle 0, a look that changes nothing), so the
+#: cost does not grow with the number of deployments, only with those placed since.
+_SNAPSHOT = """
+local settle = tonumber(ARGV[1])
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = string.gsub(ARGV[2], '{}', id)
+  local row = redis.call('HMGET', key, 'cpus', 'memory', 'state', 'cpu', 'ram',
+                         'alloc_cpu', 'alloc_memory', 'alloc_n', 'ts', 'res_cpu', 'res_memory')
+  local ts = tonumber(row[9] or '0') or 0
+  local cpu, memory = tonumber(row[10] or '0') or 0, tonumber(row[11] or '0') or 0
+  local rkey = string.gsub(ARGV[4], '{}', id)
+  local settled = redis.call('ZRANGEBYSCORE', rkey, '-inf', tostring(ts - settle))
+  if #settled > 0 then
+    for _, v in ipairs(redis.call('HMGET', string.gsub(ARGV[3], '{}', id), unpack(settled))) do
+      if v then
+        local a = cjson.decode(v)
+        cpu = cpu - a.cpu
+        memory = memory - a.memory
+      end
+    end
+    if settle > 0 then
+      redis.call('ZREM', rkey, unpack(settled))
+      redis.call('HSET', key, 'res_cpu', tostring(cpu), 'res_memory', tostring(memory))
+    end
+  end
+  row[9] = tostring(cpu)
+  row[10] = tostring(memory)
+  row[11] = nil
+  table.insert(row, 1, id)
+  out[#out + 1] = row
+end
+return out
+"""
+
+
+def _script(r: redis.Redis, source: str) -> Any:
+    """A registered Lua script of this client (EVALSHA, loaded again after a Redis restart)."""
+    scripts: dict[str, Any] = r.__dict__.setdefault("_dm_scripts", {})
+    if source not in scripts:
+        scripts[source] = r.register_script(source)
+    return scripts[source]
+
+
 def snapshot(r: redis.Redis, settle: float, now: float | None = None) -> list[NodeView]:
-    """Every registered node as the balancer sees it."""
-    now = time.time() if now is None else now
-    ids = node_ids(r)
-    pipe = r.pipeline()
-    for node_id in ids:
-        pipe.hgetall(c.NODE_KEY.format(node_id))
-        pipe.hgetall(c.ALLOC_KEY.format(node_id))
-    replies = pipe.execute()
+    """Every registered node as the balancer sees it (one script call)."""
+    del now  # the reserved figure depends on each node's sample time, not on the clock
+    rows = _script(r, _SNAPSHOT)(keys=[c.NODES_KEY], args=[settle, c.NODE_KEY, c.ALLOC_KEY, c.RECENT_KEY])
     views = []
-    for i, node_id in enumerate(ids):
-        node: dict[str, str] = replies[2 * i]
-        allocs: dict[str, str] = replies[2 * i + 1]
-        if not node or "cpus" not in node:
-            continue
-        views.append(_view(node_id, node, allocs, settle, now))
+    for node_id, cpus, memory, state, cpu, ram, alloc_cpu, alloc_memory, alloc_n, res_cpu, res_memory in sorted(
+        rows, key=lambda row: row[0]
+    ):
+        if cpus is None or memory is None:
+            continue  # not registered (only metrics left of it)
+        views.append(
+            NodeView(
+                id=node_id,
+                state=state or "starting",
+                cpus=float(cpus),
+                memory=float(memory),
+                cpu=float(cpu or 0.0),
+                ram=float(ram or 0.0),
+                # running totals: rounded, so adding and taking away the same demand leaves 0
+                committed_cpu=max(0.0, round(float(alloc_cpu or 0.0), 6)),
+                committed_memory=max(0.0, round(float(alloc_memory or 0.0), 6)),
+                reserved_cpu=max(0.0, round(float(res_cpu), 6)),
+                reserved_memory=max(0.0, round(float(res_memory), 6)),
+                deployments=int(alloc_n or 0),
+            )
+        )
     return views
 
 
-def _view(node_id: str, node: dict[str, str], allocs: dict[str, str], settle: float, now: float) -> NodeView:
-    sample_ts = float(node.get("ts", 0.0))
-    committed_cpu = committed_mem = reserved_cpu = reserved_mem = 0.0
-    for raw in allocs.values():
-        alloc: dict[str, Any] = json.loads(raw)
-        committed_cpu += alloc["cpu"]
-        committed_mem += alloc["memory"]
-        # a sample taken before the deployment had time to ramp up does not show it yet
-        if alloc["ts"] + settle > sample_ts:
-            reserved_cpu += alloc["cpu"]
-            reserved_mem += alloc["memory"]
-    return NodeView(
-        id=node_id,
-        state=node.get("state", "starting"),
-        cpus=float(node["cpus"]),
-        memory=float(node["memory"]),
-        cpu=float(node.get("cpu", 0.0)),
-        ram=float(node.get("ram", 0.0)),
-        committed_cpu=committed_cpu,
-        committed_memory=committed_mem,
-        reserved_cpu=reserved_cpu,
-        reserved_memory=reserved_mem,
-        deployments=len(allocs),
+def allocate(r: redis.Redis, node_id: str, dep_id: str, demand: Demand, pipe: Any = None) -> None:
+    """Record a deployment's demand on a node (on ``pipe``, a pipeline of ``r``, if given)."""
+    now = time.time()
+    alloc = json.dumps({"cpu": demand.cpu, "memory": demand.memory, "ts": now})
+    keys = [c.ALLOC_KEY.format(node_id), c.NODE_KEY.format(node_id), c.RECENT_KEY.format(node_id)]
+    _script(r, _ALLOCATE)(
+        keys=keys, args=[dep_id, repr(demand.cpu), repr(demand.memory), repr(now), alloc], client=pipe
     )
 
 
-def allocate(r: redis.Redis, node_id: str, dep_id: str, demand: Demand) -> None:
-    alloc = {"cpu": demand.cpu, "memory": demand.memory, "ts": time.time()}
-    r.hset(c.ALLOC_KEY.format(node_id), dep_id, json.dumps(alloc))
-
-
 def release(r: redis.Redis, node_id: str, dep_id: str) -> None:
-    r.hdel(c.ALLOC_KEY.format(node_id), dep_id)
+    keys = [c.ALLOC_KEY.format(node_id), c.NODE_KEY.format(node_id), c.RECENT_KEY.format(node_id)]
+    _script(r, _RELEASE)(keys=keys, args=[dep_id])
+
+
+def clear_allocations(r: redis.Redis, node_id: str) -> None:
+    """Forget every allocation of a node (it died; its deployments are placed elsewhere)."""
+    pipe = r.pipeline()
+    pipe.delete(c.ALLOC_KEY.format(node_id), c.RECENT_KEY.format(node_id))
+    pipe.hdel(c.NODE_KEY.format(node_id), "alloc_cpu", "alloc_memory", "alloc_n", "res_cpu", "res_memory")
+    pipe.execute()
 
 
 def allocations(r: redis.Redis, node_id: str) -> dict[str, dict[str, Any]]:

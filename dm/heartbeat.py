@@ -130,9 +130,9 @@ def move_deployments(ctl: Control, node_id: str, reason: str) -> int:
             ctl, doc["_id"], LOST, expect=ACTIVE_STATES, generation=doc["generation"], reason=reason
         )
         if lost is not None:
-            deployer.place(ctl, doc["_id"])
+            deployer.place(ctl, doc["_id"], lost)
             moved += 1
-    ctl.redis.delete(c.ALLOC_KEY.format(node_id))
+    fleet.clear_allocations(ctl.redis, node_id)
     return moved
 
 

@@ -1,7 +1,10 @@
 """The registry on MongoDB: algorithms (archives in GridFS), nodes, deployments, events.
 
-Every deployment transition is a compare-and-set on (id, expected state,
-generation) followed by an event; the deployment's ``rev`` orders its events.
+Every deployment transition is one write: a compare-and-set on (id, rev) that also
+pushes the transition's event onto the deployment's own ``history`` (a transactional
+outbox: the state and its event land together or not at all). The relay
+(:mod:`dm.relay`) copies history entries into the ``events`` collection, which every
+reader of events uses; the deployment's ``rev`` orders its events.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from dm import constants as c
 from dm.errors import BadPackage, RegistryUnavailable, UnknownAlgorithm, UnknownDeployment
-from dm.models import ACTIVE_STATES, PENDING, AlgorithmSpec, DeployRequest
+from dm.models import ACTIVE_STATES, PENDING, SCHEDULED, AlgorithmSpec, DeployRequest
 
 Doc = dict[str, Any]
 
@@ -39,10 +42,28 @@ def mongo_client(url: str) -> pymongo.MongoClient[Doc]:
 
 #: tries of a compare-and-set that lost a race before it reads again and gives up
 CAS_ATTEMPTS = 5
+#: events a deployment keeps in its own ``history``, at least (the relay has long copied older ones)
+HISTORY_KEEP = 50
 
 
 def new_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def event_of(doc: Doc) -> Doc:
+    """The event of a deployment's current state (as pushed onto its ``history``)."""
+    return {
+        "deployment_id": doc["_id"],
+        "request_id": doc["request_id"],
+        "algorithm": doc["algorithm"],
+        "state": doc["state"],
+        "node": doc.get("node"),
+        "generation": doc["generation"],
+        "rev": doc["rev"],
+        "time": doc["updated_at"],
+        "reason": doc.get("reason", ""),
+        "exit_code": doc.get("exit_code"),
+    }
 
 
 class EventCursor:
@@ -101,13 +122,29 @@ class Registry:
         self.algorithms.create_index([("name", 1), ("created_at", -1)])
         self.algorithms.create_index("sha256")
         self.nodes.create_index("state")
+        # every index is paid for on each transition: three, for the three kinds of query
+        # (by request id; by state; by node and state). Listing all deployments scans anyway.
         self.deployments.create_index("request_id", unique=True)
         self.deployments.create_index([("state", 1), ("node", 1)])
         self.deployments.create_index([("node", 1), ("state", 1)])
-        self.deployments.create_index("created_at")
-        self.events.create_index([("deployment_id", 1), ("rev", 1)])
+        self._unique_event_index()
         self.events.create_index([("published", 1), ("_id", 1)])
         self.events.create_index("time")
+
+    def _unique_event_index(self) -> None:
+        """(deployment_id, rev) is unique, so the relay copying an event twice stores it once.
+
+        Stores made before the relay have the same index without ``unique``: it is replaced.
+        """
+        key = [("deployment_id", 1), ("rev", 1)]
+        try:
+            self.events.create_index(key, unique=True)
+        except pymongo.errors.OperationFailure:
+            self.events.drop_index(key)
+            try:
+                self.events.create_index(key, unique=True)
+            except DuplicateKeyError:  # an old store holds an event twice: keep the plain index
+                self.events.create_index(key)
 
     # -- algorithms --------------------------------------------------------------
 
@@ -186,19 +223,17 @@ class Registry:
 
     # -- deployments -------------------------------------------------------------
 
-    def create_deployment(self, request: DeployRequest, algorithm: Doc) -> tuple[Doc, bool]:
-        """Record a ``pending`` deployment; the same request id gives back the first one
-        (and writes its ``pending`` event again if a crash lost it)."""
-        doc = self._pending_doc(request, algorithm)
+    def create_deployment(self, request: DeployRequest, algorithm: Doc, **placed: Any) -> tuple[Doc, bool]:
+        """Record a deployment (one write, its events included); the same request id gives
+        back the first one. ``placed`` (node, reason) records it already ``scheduled``."""
+        doc = self.new_deployment(request, algorithm, **placed)
         try:
             self.deployments.insert_one(doc)
         except DuplicateKeyError:
             existing = self.deployments.find_one({"request_id": doc["request_id"]})
-            if existing is None:  # pragma: no cover - the unique index says it exists
-                raise
-            self.write_first_events([], [existing])
+            if existing is None:  # a clash of the random _id, not of the request id: again
+                return self.create_deployment(request, algorithm, **placed)
             return existing, False
-        self.write_first_events([doc], [])
         return doc, True
 
     def get_deployment(self, dep_id: str) -> Doc:
@@ -238,33 +273,24 @@ class Registry:
                 return None
             sets = {"state": state, "reason": reason, "updated_at": time.time(), **fields}
             step = 1 if new_generation else 0
+            new = {**doc, **sets, "rev": doc["rev"] + 1, "generation": doc["generation"] + step}
+            event = event_of(new)
             result = self.deployments.update_one(
                 {"_id": dep_id, "rev": doc["rev"]},
-                {"$set": sets, "$inc": {"rev": 1, "generation": step}},
+                {
+                    "$set": sets,
+                    "$inc": {"rev": 1, "generation": step},
+                    # trimmed every HISTORY_KEEP-th transition only: a $slice costs on each write
+                    "$push": {"history": {"$each": [event], "$slice": -HISTORY_KEEP}}
+                    if new["rev"] % HISTORY_KEEP == 0
+                    else {"history": event},
+                },
             )
             if result.modified_count == 1:
-                new = {**doc, **sets, "rev": doc["rev"] + 1, "generation": doc["generation"] + step}
-                self._event(new)
+                new.pop("history", None)  # the caller needs the state; the events are the relay's
                 return new
             doc = None  # changed since it was read: read again and decide again
         return None
-
-    def _event(self, doc: Doc) -> None:
-        self.events.insert_one(
-            {
-                "deployment_id": doc["_id"],
-                "request_id": doc["request_id"],
-                "algorithm": doc["algorithm"],
-                "state": doc["state"],
-                "node": doc.get("node"),
-                "generation": doc["generation"],
-                "rev": doc["rev"],
-                "time": doc["updated_at"],
-                "reason": doc.get("reason", ""),
-                "exit_code": doc.get("exit_code"),
-                "published": False,
-            }
-        )
 
     def list_deployments(
         self, states: Iterable[str] | None = None, node: str | None = None, limit: int = 0
@@ -274,7 +300,7 @@ class Registry:
             query["state"] = {"$in": list(states)}
         if node is not None:
             query["node"] = node
-        return list(self.deployments.find(query).sort("created_at", 1).limit(limit))
+        return list(self.deployments.find(query, {"history": 0}).sort("created_at", 1).limit(limit))
 
     def active_on(self, node_id: str) -> list[Doc]:
         return self.list_deployments(ACTIVE_STATES, node=node_id)
@@ -289,7 +315,20 @@ class Registry:
         Not by ``_id``: ObjectIds made by different processes need not sort in insert order.
         """
         if deployment_id:
-            rows = list(self.events.find({"deployment_id": deployment_id}).sort("rev", -1).limit(limit))
+            # the deployment's own history is current (the relay copies it a moment later);
+            # the events collection has what is older than the history keeps
+            doc = self.deployments.find_one({"_id": deployment_id}, {"history": 1})
+            history = list((doc or {}).get("history") or [])
+            first = history[0]["rev"] if history else None
+            if first is not None and (first == 0 or len(history) >= limit):
+                return history[-limit:] if limit else history
+            query: Doc = {"deployment_id": deployment_id}
+            if first is not None:
+                query["rev"] = {"$lt": first}
+            older = list(self.events.find(query).sort("rev", -1).limit(max(limit - len(history), 0)))
+            older.reverse()
+            rows = [*older, *history]
+            return rows[-limit:] if limit else rows
         else:
             rows = list(self.events.find({}).sort([("time", -1), ("rev", -1)]).limit(limit))
         rows.reverse()
@@ -297,20 +336,16 @@ class Registry:
 
     # -- the Kafka bridge: bulk intake, event publishing ---------------------------------
 
-    def create_deployments(
-        self, items: list[tuple[DeployRequest, Doc]], first_events: bool = True
-    ) -> list[tuple[Doc, bool]]:
+    def create_deployments(self, items: list[tuple[DeployRequest, Doc]]) -> list[tuple[Doc, bool]]:
         """Record ``pending`` deployments with one ``insert_many``; idempotent on request id.
 
         ``items`` are (request, algorithm document) with distinct request ids. Returns
         (deployment, created) per item, in order: a request id already recorded gives back
-        the first deployment. Then (unless ``first_events`` is False: the caller calls
-        :meth:`write_first_events`) each new deployment's ``pending`` event is written, and
-        a known one's again if a crash lost it.
+        the first deployment. Each document carries its ``pending`` event (see the module).
         """
         from pymongo.errors import BulkWriteError
 
-        docs = [self._pending_doc(request, algorithm) for request, algorithm in items]
+        docs = [self.new_deployment(request, algorithm) for request, algorithm in items]
         refused: list[int] = []
         try:
             if docs:
@@ -328,15 +363,14 @@ class Registry:
                 if docs[i]["request_id"] in found:
                     results[i] = (found[docs[i]["request_id"]], False)
                 else:  # a clash of the random _id, not of the request id: again, with a new id
-                    results[i] = self.create_deployments([items[i]], first_events=False)[0]
-        if first_events:
-            self.write_first_events([d for d, new in results if new], [d for d, new in results if not new])
+                    results[i] = self.create_deployments([items[i]])[0]
         return results
 
-    def _pending_doc(self, request: DeployRequest, algorithm: Doc) -> Doc:
-        """A new deployment as it is first recorded: ``pending``, generation 0, rev 0."""
+    def new_deployment(self, request: DeployRequest, algorithm: Doc, node: str | None = None, reason: str = "") -> Doc:
+        """A new deployment as it is first recorded: ``pending`` (generation 0, rev 0), or with
+        ``node`` already ``scheduled`` there (generation 1, rev 1); its events in ``history``."""
         spec, now, dep_id = algorithm["spec"], time.time(), new_id()
-        return {
+        doc: Doc = {
             "_id": dep_id,
             "request_id": request.request_id or dep_id,
             "algorithm": algorithm["name"],
@@ -354,58 +388,16 @@ class Registry:
             "pid": None,
             "restarts": 0,
             "exit_code": None,
-            "reason": "requested",
+            "reason": reason if node is None and reason else "requested",
             "created_at": now,
             "updated_at": now,
         }
-
-    @staticmethod
-    def first_event(doc: Doc, published: bool = False) -> Doc:
-        """The rev-0 ``pending`` event of a deployment.
-
-        Its ``_id`` is derived from the deployment (creation second + a hash of its id), so
-        writing it twice is refused by the ``_id`` index: two bridges racing on one request
-        record one event.
-        """
-        import hashlib
-
-        from bson import ObjectId
-
-        oid = int(doc["created_at"]).to_bytes(4, "big") + hashlib.sha256(doc["_id"].encode()).digest()[:8]
-        return {
-            "_id": ObjectId(oid),
-            "deployment_id": doc["_id"],
-            "request_id": doc["request_id"],
-            "algorithm": doc["algorithm"],
-            "state": PENDING,
-            "node": None,
-            "generation": 0,
-            "rev": 0,
-            "time": doc["created_at"],
-            "reason": "requested",
-            "exit_code": None,
-            "published": published,
-        }
-
-    def write_first_events(self, created: list[Doc], known: list[Doc], published: bool = False) -> None:
-        """Write the ``pending`` event of new deployments, and of known ones that lack it (a crash).
-
-        ``published``: the new ones' events were already sent to Kafka (by the lease holder).
-        """
-        from pymongo.errors import BulkWriteError
-
-        missing = known
-        if known:
-            query = {"deployment_id": {"$in": [d["_id"] for d in known]}, "rev": 0}
-            have = {e["deployment_id"] for e in self.events.find(query, {"deployment_id": 1})}
-            missing = [d for d in known if d["_id"] not in have]
-        rows = [self.first_event(d, published) for d in created] + [self.first_event(d) for d in missing]
-        try:
-            if rows:
-                self.events.insert_many(rows, ordered=False)
-        except BulkWriteError as exc:
-            if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
-                raise
+        history = [event_of(doc)]
+        if node is not None:
+            doc.update(state=SCHEDULED, node=node, generation=1, rev=1, reason=reason, scheduled_at=now)
+            history.append(event_of(doc))
+        doc["history"] = history
+        return doc
 
     def unpublished_events(self, limit: int = 0, deployment_ids: Iterable[str] | None = None) -> list[Doc]:
         """Events not yet published to Kafka, oldest first (of these deployments only, if given).

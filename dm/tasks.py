@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import signals
 from pymongo.errors import PyMongoError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from dm import deployer, heartbeat
+from dm import constants as c
+from dm import deployer, heartbeat, relay
 from dm.app import app
 from dm.control import get_control
 from dm.errors import RegistryUnavailable
@@ -39,19 +41,12 @@ def deploy(
     """
     ctl = get_control()
     if deployment_id is not None:
-        doc = ctl.registry.get_deployment(deployment_id)
-    else:
-        # the task id stands in for a missing request id, so a redelivered message makes no second deployment
-        request = DeployRequest.from_dict(
-            {
-                "algorithm": algorithm,
-                "args": args or {},
-                "request_id": request_id or self.request.id,
-                "version": version,
-            }
-        )
-        doc, _ = deployer.submit(ctl, request)
-    return deployer.public(deployer.place(ctl, doc["_id"], doc))
+        return deployer.public(deployer.place(ctl, deployment_id))
+    # the task id stands in for a missing request id, so a redelivered message makes no second deployment
+    request = DeployRequest.from_dict(
+        {"algorithm": algorithm, "args": args or {}, "request_id": request_id or self.request.id, "version": version}
+    )
+    return deployer.public(deployer.deploy(ctl, request))
 
 
 @app.task(name="dm.place", autoretry_for=TRANSIENT, retry_backoff=True, max_retries=10)
@@ -67,3 +62,16 @@ def stop(deployment_id: str, reason: str = "stopped by request") -> dict[str, An
 @app.task(name="dm.heartbeat", acks_late=False, ignore_result=True)
 def heartbeat_check() -> dict[str, Any]:
     return heartbeat.check(get_control())
+
+
+@signals.worker_ready.connect
+def _start_relay(sender: Any = None, **_: Any) -> None:
+    """A control worker (one that consumes ``dm.control``) runs a relay (dm.relay)."""
+    queues = {q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", [])}
+    if c.CONTROL_QUEUE in queues:
+        relay.start(get_control())
+
+
+@signals.worker_shutdown.connect
+def _stop_relay(**_: Any) -> None:
+    relay.stop()

@@ -15,6 +15,7 @@ import psutil
 
 from dm import constants as c
 from dm.embedded import free_port, start_kafka, start_redis
+from dm.relay import Relay
 from tests.system import System, wait_for
 from tests.test_bridge_support import bridges  # noqa: F401  (fixture)
 
@@ -35,8 +36,17 @@ def queued_deployments(system: System) -> list[str]:
 
 def assert_each_recorded_once(system: System, count: int) -> None:
     registry = system.ctl.registry
-    docs = list(registry.deployments.find({}, {"request_id": 1}))
+    docs = list(registry.deployments.find({}, {"request_id": 1, "history": 1}))
     assert sorted(d["request_id"] for d in docs) == sorted(f"req-{i}" for i in range(count))
+    assert all([e["state"] for e in d["history"]] == ["pending"] for d in docs), "each carries its pending event"
+    # no control worker runs here: a relay of our own copies the events, as a control worker's would
+    relay = Relay(system.ctl)
+    relay.start()
+    try:
+        wait_for(lambda: registry.events.count_documents({}) >= count, 60, what="the relay to copy the events")
+    finally:
+        relay.stop.set()
+        relay.join(10)
     firsts = [e["deployment_id"] for e in registry.events.find({"rev": 0}, {"deployment_id": 1})]
     assert sorted(firsts) == sorted(d["_id"] for d in docs), "each deployment has exactly one pending event"
     assert set(queued_deployments(system)) == {d["_id"] for d in docs}, "each deployment's deploy task is queued"

@@ -1,0 +1,177 @@
+"""The relay: copies the events of deployments from their ``history`` into ``events``.
+
+A transition writes its event in the same update as the new state (see
+:mod:`dm.registry`), so the two cannot disagree and a transition costs one write. The
+relay follows the deployments' change stream and inserts the events each change
+carries into the ``events`` collection, which every reader of events uses (`dm events`,
+the metrics exporter, the Kafka bridge). Its position in the stream (the resume token)
+is saved in MongoDB after each batch, so a restart goes on where the last relay
+stopped; (deployment_id, rev) is unique in ``events``, so an event copied twice is
+stored once. With no position to resume from (the first start, or the server no longer
+holds it in its oplog) it first copies every history entry that ``events`` lacks (a
+catch-up scan), then follows.
+
+One relay works at a time, the holder of a Redis lease; every control worker runs
+one, and the others wait to take over.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+from redis.exceptions import RedisError
+
+from dm import constants as c
+from dm.control import Control
+from dm.lease import Lease
+from dm.registry import Doc
+
+log = logging.getLogger("dm.relay")
+
+#: events inserted in one write at most
+BATCH = 500
+#: milliseconds the server waits for a change before an empty answer (the loop's idle pace)
+AWAIT_MS = 250
+#: seconds between saves of the position while nothing happens
+SAVE_EVERY = 10.0
+#: deployments whose highest copied rev is remembered (to skip re-sent history cheaply)
+REMEMBER = 50_000
+#: the stream could not be resumed from the saved position (history lost, bad token)
+RESUME_FAILED = {260, 280, 286}
+
+
+def events_in(change: Doc) -> list[Doc]:
+    """The history entries a change stream event carries (new ones, and for a rewritten
+    array, old ones too: the unique index and the caller's memory drop those)."""
+    kind = change.get("operationType")
+    if kind in ("insert", "replace"):
+        entries: Iterable[Any] = (change.get("fullDocument") or {}).get("history") or []
+    elif kind == "update":
+        entries = []
+        for key, value in ((change.get("updateDescription") or {}).get("updatedFields") or {}).items():
+            if key == "history" and isinstance(value, list):
+                entries = [*entries, *value]
+            elif key.startswith("history.") and isinstance(value, dict):
+                entries = [*entries, value]
+    else:
+        return []
+    return [dict(e) for e in entries if isinstance(e, dict) and "deployment_id" in e and "rev" in e]
+
+
+class Relay(threading.Thread):
+    def __init__(self, ctl: Control, stop: threading.Event | None = None, lease_ttl: float = 5.0) -> None:
+        super().__init__(name="dm-relay", daemon=True)
+        self.ctl = ctl
+        self.stop = stop or threading.Event()
+        self.lease = Lease(ctl.redis, c.RELAY_LOCK, lease_ttl)
+        self.meta = ctl.registry.db[c.META]
+        self.copied: dict[str, int] = {}  # deployment id -> highest rev stored
+        self.stored = 0  # events stored by this relay (for tests and logs)
+
+    def run(self) -> None:
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                if self.lease.hold():
+                    self.follow()
+                    delay = 0.5
+                else:
+                    self.stop.wait(self.lease.ttl / 3)
+            except (PyMongoError, RedisError) as exc:
+                log.warning("relay: %s; trying again in %.1fs", exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+            except Exception:  # a bug must not end the relay of every later event
+                log.exception("relay: unexpected error; trying again")
+                self.stop.wait(delay)
+        self.lease.release()
+
+    def follow(self) -> None:
+        """Copy events while this relay holds the lease."""
+        deployments = self.ctl.registry.deployments
+        saved = (self.meta.find_one({"_id": "relay"}) or {}).get("token")
+        stream = None
+        if saved is not None:
+            try:
+                stream = deployments.watch(resume_after=saved, max_await_time_ms=AWAIT_MS)
+                change = stream.try_next()  # a lost position shows here at the latest
+            except OperationFailure as exc:
+                if exc.code not in RESUME_FAILED:
+                    raise
+                log.warning("relay: cannot resume the change stream (%s); catching up from the deployments", exc)
+                stream, change = None, None
+        if stream is None:
+            stream = deployments.watch(max_await_time_ms=AWAIT_MS)  # opened first: nothing falls between
+            self.catch_up()
+            change = None
+            self._save(stream.resume_token)
+        last_save = time.monotonic()
+        with stream:
+            while not self.stop.is_set() and self.lease.hold():
+                rows = events_in(change) if change is not None else []
+                while len(rows) < BATCH:
+                    change = stream.try_next()
+                    if change is None:
+                        break
+                    rows += events_in(change)
+                change = None
+                if rows:
+                    self.store(rows)
+                if rows or time.monotonic() - last_save > SAVE_EVERY:
+                    self._save(stream.resume_token)
+                    last_save = time.monotonic()
+
+    def catch_up(self) -> None:
+        """Copy every history entry of every deployment that ``events`` lacks."""
+        started, rows = time.monotonic(), []
+        before = self.stored
+        for doc in self.ctl.registry.deployments.find({}, {"history": 1}):
+            rows += [dict(e) for e in doc.get("history") or [] if isinstance(e, dict) and "rev" in e]
+            if len(rows) >= BATCH:
+                self.store(rows)
+                rows = []
+        self.store(rows)
+        took = time.monotonic() - started
+        log.info("relay: caught up from the deployments: %d event(s) copied in %.1fs", self.stored - before, took)
+
+    def store(self, rows: list[Doc]) -> None:
+        fresh = [r for r in rows if r["rev"] > self.copied.get(r["deployment_id"], -1)]
+        if fresh:
+            try:
+                self.ctl.registry.events.insert_many([{**r, "published": False} for r in fresh], ordered=False)
+            except BulkWriteError as exc:
+                if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
+                    raise
+                self.stored -= len(exc.details.get("writeErrors", []))
+            self.stored += len(fresh)
+        if len(self.copied) > REMEMBER:
+            self.copied.clear()
+        for r in fresh:
+            self.copied[r["deployment_id"]] = max(r["rev"], self.copied.get(r["deployment_id"], -1))
+
+    def _save(self, token: Any) -> None:
+        if token is not None:
+            self.meta.update_one({"_id": "relay"}, {"$set": {"token": token, "at": time.time()}}, upsert=True)
+
+
+_relay: Relay | None = None
+
+
+def start(ctl: Control) -> Relay:
+    """Start this process's relay thread (once)."""
+    global _relay
+    if _relay is None or not _relay.is_alive():
+        _relay = Relay(ctl)
+        _relay.start()
+    return _relay
+
+
+def stop(timeout: float = 5.0) -> None:
+    if _relay is not None:
+        _relay.stop.set()
+        _relay.join(timeout)
