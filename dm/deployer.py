@@ -51,6 +51,7 @@ def deploy(ctl: Control, request: DeployRequest) -> Doc:
     The same request id gives back the first deployment (placed, if it still waits).
     With no room and no node to add, it is recorded ``pending`` with the reason.
     """
+    received = time.time()  # the pending event's time: placement latency is measured from it
     algorithm = ctl.registry.get_algorithm(request.algorithm, request.version)
     validate_args(AlgorithmSpec.from_dict(algorithm["spec"]), request.args)
     demand = Demand.from_dict(algorithm["spec"]["demand"])
@@ -63,7 +64,7 @@ def deploy(ctl: Control, request: DeployRequest) -> Doc:
             if known is not None:
                 return place(ctl, known["_id"], known)
         node_id, reason = _decide(ctl, nodes, chosen)
-        doc, created = ctl.registry.create_deployment(request, algorithm, node=node_id, reason=reason)
+        doc, created = ctl.registry.create_deployment(request, algorithm, node=node_id, reason=reason, since=received)
         doc.pop("history", None)
         if created and node_id is not None:
             _allocate_and_dispatch(ctl, doc, demand)

@@ -366,9 +366,12 @@ class Registry:
                     results[i] = self.create_deployments([items[i]])[0]
         return results
 
-    def new_deployment(self, request: DeployRequest, algorithm: Doc, node: str | None = None, reason: str = "") -> Doc:
+    def new_deployment(
+        self, request: DeployRequest, algorithm: Doc, node: str | None = None, reason: str = "", since: float = 0.0
+    ) -> Doc:
         """A new deployment as it is first recorded: ``pending`` (generation 0, rev 0), or with
-        ``node`` already ``scheduled`` there (generation 1, rev 1); its events in ``history``."""
+        ``node`` already ``scheduled`` there (generation 1, rev 1); its events in ``history``.
+        ``since``: when the request arrived (the ``pending`` event's time; default now)."""
         spec, now, dep_id = algorithm["spec"], time.time(), new_id()
         doc: Doc = {
             "_id": dep_id,
@@ -389,12 +392,12 @@ class Registry:
             "restarts": 0,
             "exit_code": None,
             "reason": reason if node is None and reason else "requested",
-            "created_at": now,
-            "updated_at": now,
+            "created_at": since or now,
+            "updated_at": since or now,
         }
         history = [event_of(doc)]
         if node is not None:
-            doc.update(state=SCHEDULED, node=node, generation=1, rev=1, reason=reason, scheduled_at=now)
+            doc.update(state=SCHEDULED, node=node, generation=1, rev=1, reason=reason, scheduled_at=now, updated_at=now)
             history.append(event_of(doc))
         doc["history"] = history
         return doc
