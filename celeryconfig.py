@@ -19,7 +19,9 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_send_task_events = True
 task_send_sent_event = True
-task_track_started = True
+# no STARTED state in the result backend: a write before every task, and Flower learns
+# that a task started from the task events anyway
+task_track_started = False
 result_expires = 3600
 broker_connection_retry_on_startup = True
 # keep reconnecting to the broker for as long as it is away (Celery's default gives up after 100 tries)

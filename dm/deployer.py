@@ -152,7 +152,11 @@ def run_payload(doc: Doc) -> dict[str, Any]:
     """What a node needs to run a deployment (JSON)."""
     return {
         "id": doc["_id"],
+        "request_id": doc["request_id"],
         "generation": doc["generation"],
+        # the deployment's rev as sent, and when: a fresh order starts without reading it again
+        "rev": doc["rev"],
+        "sent_at": time.time(),
         "algorithm": doc["algorithm"],
         "version": doc["version"],
         "sha256": doc["sha256"],

@@ -225,7 +225,7 @@ class Supervisor(threading.Thread):
         wait = "the lease was not renewed in time" if self.lapsed() else ""
         try:
             if not wait:
-                current = self.ctl.registry.deployments.find_one({"_id": proc.dep_id})
+                current = self._as_sent(proc) or self.ctl.registry.deployments.find_one({"_id": proc.dep_id})
         except UNREACHABLE as exc:
             wait = f"the registry is out of reach ({exc})"
         if wait:  # try again soon; the lease and the registry decide then
@@ -292,6 +292,23 @@ class Supervisor(threading.Thread):
             restarts=proc.restarts,
             log=str(log_path),
         )
+
+    def _as_sent(self, proc: Proc) -> Doc | None:
+        """The deployment as the control plane sent it, when the order is fresh: then nothing
+        can have given it to another node yet (that takes the start timeout, or this node's
+        lease lapsing, which stops all starts here), and the read before the start is saved.
+        The ``running`` report is still a compare-and-set: if the deployment moved on (a
+        stop), it is refused and the process killed. None: read the registry."""
+        p = proc.payload
+        if proc.expect != SCHEDULED or "rev" not in p or "sent_at" not in p or "request_id" not in p:
+            return None
+        age = time.time() - float(p["sent_at"])
+        if not 0 <= age < self.ctl.settings.start_timeout / 3:  # old, or a clock behind the sender's
+            return None
+        return {
+            "_id": proc.dep_id, "request_id": p["request_id"], "algorithm": p["algorithm"], "state": SCHEDULED,
+            "node": self.node_id, "generation": proc.generation, "rev": int(p["rev"]), "exit_code": None,
+        }  # fmt: skip
 
     def _kill(self, proc: Proc, why: str, grace: float = KILL_GRACE) -> None:
         if proc.popen is None or proc.popen.poll() is not None:

@@ -19,7 +19,7 @@ def _supervisor() -> Any:
     return supervisor
 
 
-@app.task(name="dm.run", acks_late=False)
+@app.task(name="dm.run", acks_late=False, ignore_result=True)  # the registry holds what became of it
 def run(payload: dict[str, Any]) -> str:
     sup = _supervisor()
     try:
@@ -38,7 +38,7 @@ def run(payload: dict[str, Any]) -> str:
     return str(payload["id"])
 
 
-@app.task(name="dm.kill", acks_late=False)
+@app.task(name="dm.kill", acks_late=False, ignore_result=True)
 def kill(dep_id: str, generation: int, reason: str = "stopped by request") -> str:
     _supervisor().kill_deployment(dep_id, generation, reason)
     return dep_id
