@@ -41,6 +41,8 @@ EVENTS_LOCK = "dm:lock:bridge-events"
 RELAY_LOCK = "dm:lock:relay"
 #: sorted set: deployment id -> time placed, of a node's recent allocations (reserved demand)
 RECENT_KEY = "dm:recent:{}"
+#: token replaced by every algorithm added: caches of "the latest version" check it
+ALGORITHMS_REV = "dm:algorithms:rev"
 #: pub/sub channel a node listens on for kill orders (fencing)
 NODE_CHANNEL = "dm:node:{}:control"
 

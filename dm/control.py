@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from functools import cached_property
 
 import redis
 
+from dm import constants as c
 from dm.fleet import redis_client
-from dm.registry import Registry
+from dm.registry import Doc, Registry
 from dm.settings import Settings
 
 
@@ -20,7 +22,33 @@ class Control:
     def registry(self) -> Registry:
         self.settings.require_servers()
         registry = Registry(self.settings.mongo_url, self.settings.database)
+        registry.algorithm_added = lambda: self.redis.set(c.ALGORITHMS_REV, uuid.uuid4().hex)
         return registry
+
+    def algorithm(self, name: str, version: str | None = None) -> Doc:
+        """An algorithm's document, as :meth:`Registry.get_algorithm`, from a cache: a stored
+        version never changes, and a token in Redis that every add replaces tells when the
+        latest version of a name may have (one Redis GET instead of a MongoDB query). A
+        missing token (a new or restarted Redis) is replaced by a new one first."""
+        if version:
+            key: tuple[str, str | None] = (name, version)
+        else:
+            token = self.redis.get(c.ALGORITHMS_REV)
+            if token is None:
+                self.redis.set(c.ALGORITHMS_REV, uuid.uuid4().hex, nx=True)
+                token = self.redis.get(c.ALGORITHMS_REV)
+            key = (name, str(token))
+        doc = self._algorithms.get(key)
+        if doc is None:
+            doc = self.registry.get_algorithm(name, version)
+            if len(self._algorithms) > 1000:
+                self._algorithms.clear()
+            self._algorithms[key] = doc
+        return doc
+
+    @cached_property
+    def _algorithms(self) -> dict[tuple[str, str | None], Doc]:
+        return {}
 
     def with_settings(self, **changes: object) -> Control:
         """A context with changed settings that shares this one's connections."""

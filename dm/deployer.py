@@ -52,7 +52,7 @@ def deploy(ctl: Control, request: DeployRequest) -> Doc:
     With no room and no node to add, it is recorded ``pending`` with the reason.
     """
     received = time.time()  # the pending event's time: placement latency is measured from it
-    algorithm = ctl.registry.get_algorithm(request.algorithm, request.version)
+    algorithm = ctl.algorithm(request.algorithm, request.version)
     validate_args(AlgorithmSpec.from_dict(algorithm["spec"]), request.args)
     demand = Demand.from_dict(algorithm["spec"]["demand"])
     with ctl.redis.lock(c.PLACEMENT_LOCK, timeout=30, blocking_timeout=60):

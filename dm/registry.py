@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gridfs
@@ -108,6 +108,8 @@ class Registry:
         self.deployments: Collection[Doc] = self.db[c.DEPLOYMENTS]
         self.events: Collection[Doc] = self.db[c.EVENTS]
         self.fs = gridfs.GridFSBucket(self.db, bucket_name=c.PACKAGES_BUCKET)
+        #: called after an algorithm version is added (the control context bumps a counter)
+        self.algorithm_added: Callable[[], object] = lambda: None
 
     def ping(self) -> None:
         try:
@@ -174,6 +176,7 @@ class Registry:
         except DuplicateKeyError:
             self.fs.delete(file_id)  # a concurrent add of the same version won
             return self.add_algorithm(spec, archive, sha256)
+        self.algorithm_added()
         return doc
 
     def get_algorithm(self, name: str, version: str | None = None) -> Doc:

@@ -16,7 +16,7 @@ import pytest
 from dm import fleet
 from dm.errors import InvalidArgs, UnknownAlgorithm
 from dm.models import AlgorithmSpec
-from tests.system import alive, wait_for
+from tests.system import EXAMPLES, alive, wait_for
 
 
 def test_hello_succeeds_and_its_output_with_args_is_in_dm_logs(make_system):
@@ -185,3 +185,17 @@ def test_a_listing_piped_into_a_reader_that_quits_early_ends_quietly(make_system
     # Then it exits 0 without a traceback
     assert proc.returncode == 0, err
     assert b"Traceback" not in err
+
+
+def test_a_version_added_is_the_one_deployed_next(make_system, tmp_path):
+    # the control worker caches algorithm documents: adding a version must show at once
+    system = make_system(nodes=1)
+    system.add_examples("hello")
+    first = system.wait_state(system.deploy("hello")["id"], "succeeded")
+    newer = tmp_path / "hello2"
+    shutil.copytree(EXAMPLES / "hello", newer)
+    toml = newer / "algorithm.toml"
+    toml.write_text(toml.read_text().replace('version = "1.0.0"', 'version = "1.1.0"'))
+    system.add_algorithm(newer)
+    second = system.wait_state(system.deploy("hello")["id"], "succeeded")
+    assert (first["version"], second["version"]) == ("1.0.0", "1.1.0")
