@@ -178,7 +178,16 @@ def bridge_run(env: dict[str, str], work: Path, count: int, events: bool, stop_p
             raise RuntimeError(f"{recorded} deployments recorded and {queued} tasks queued for {count} requests")
         result = {"rate": count / seconds}
         if events:
-            wait_for(lambda: not ctl.registry.events.count_documents({"published": False}), 600, "events published")
+            from bridge.publisher import EventPublisher
+            from bridge.settings import BridgeSettings
+
+            position = EventPublisher(ctl, BridgeSettings.from_env(env), relay.stop if relay else None).position
+
+            def published() -> bool:  # every pending event numbered, and the publisher past them all
+                mark = ctl.registry.events_mark()
+                return ctl.registry.events.count_documents({"seq": {"$lte": mark}}) >= count and position() >= mark
+
+            wait_for(published, 600, "events published")
             result["events_rate"] = count / (time.perf_counter() - t0)
     finally:
         stop_pid(proc.pid, 15)

@@ -1,21 +1,22 @@
 """Deployment events from the registry to the events topic, by the one bridge holding the lease.
 
-Each round: read the oldest unpublished events, let the :class:`Sequencer` order them
-(per deployment by rev, no gaps), send each keyed by deployment id (so one
-deployment's events share a partition and keep their order), flush, and only then
-mark them published. A crash after the flush and before the mark sends those events
-again after the restart: consumers see each (deployment_id, rev) at least once.
+The relay (:mod:`dm.relay`) numbers the events it copies into ``events`` (``seq``, in the
+registry's order, so per deployment in ``rev`` order). Each round the publisher reads the
+events after its saved position, up to the relay's mark, sends each keyed by deployment
+id (so one deployment's events share a partition and keep their order), flushes, and
+only then saves the new position: one small write per round, none per event. A crash
+after the flush and before the save sends those events again after the restart:
+consumers see each (deployment_id, rev) at least once, in order.
 
 Only the holder of a Redis lease (a key with a TTL that it renews) publishes; when it
-dies, the lease expires and another bridge takes over. The events are those the
-relay (:mod:`dm.relay`) copies from the deployments, in the order the registry
-recorded them.
+dies, the lease expires and another bridge takes over from the saved position.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from kafka import KafkaProducer
 
@@ -23,24 +24,17 @@ from bridge import broker
 from bridge.broker import KAFKA_OUTAGES, Backoff, describe
 from bridge.intake import OUTAGES
 from bridge.messages import Event
-from bridge.sequencer import Sequencer
 from bridge.settings import BridgeSettings
+from dm import constants as c
 from dm.control import Control
 from dm.lease import Lease
 
 log = logging.getLogger("dm.bridge")
 
-#: events marked published between two renewals of the lease
-MARK_SLICE = 500
-
 
 class EventPublisher:
     def __init__(self, ctl: Control, settings: BridgeSettings, stop: threading.Event) -> None:
         self.ctl, self.s, self.stop = ctl, settings, stop
-        registry = ctl.registry
-        self.sequencer = Sequencer(
-            settings.gap_timeout, registry.published_revs, lambda ids: registry.unpublished_events(0, ids)
-        )
         self.lease = Lease(ctl.redis, settings.events_lock, settings.lock_ttl)
         self.producer: KafkaProducer | None = None
         self.published = 0
@@ -65,7 +59,7 @@ class EventPublisher:
                     log.warning("events: cannot publish to Kafka (%s); lease released, retrying in %.1fs", why, delay)
                     self.stop.wait(delay)
                     continue
-                except Exception:  # a bug: say so loudly, and go on (nothing was marked published)
+                except Exception:  # a bug: say so loudly, and go on (the position was not saved)
                     self._close()
                     delay = backoff.next()
                     log.exception("events: unexpected error; retrying in %.1fs", delay)
@@ -91,14 +85,16 @@ class EventPublisher:
             self.stop.wait(self.s.lock_ttl / 3)
             return -1
         if not was_held:
-            self.sequencer.reset()  # another holder may have published meanwhile
             log.info("events: this bridge holds the lease; publishing to %s", self.s.events_topic)
-        events = self.ctl.registry.unpublished_events(self.s.publish_batch)
-        if not events:
+        registry = self.ctl.registry
+        start = self.position()
+        mark = registry.events_mark()
+        if mark <= start:
             return 0
-        plan = self.sequencer.plan(events)
+        query = {"seq": {"$gt": start, "$lte": mark}}
+        events = list(registry.events.find(query).sort("seq", 1).limit(self.s.publish_batch))
         futures = []
-        for doc in plan.send:
+        for doc in events:
             try:
                 event = Event.from_doc(doc)
             except (KeyError, TypeError, ValueError) as exc:  # not written by dm: skip, never block on it
@@ -109,14 +105,25 @@ class EventPublisher:
             self.producer.flush(timeout=self.s.kafka_timeout)
             for future in futures:
                 future.get(timeout=self.s.kafka_timeout)  # raises if that record failed
-        settled = [e["_id"] for e in plan.send + plan.skip]
-        for i in range(0, len(settled), MARK_SLICE):
-            self.lease.hold()  # renewed on the way: marking a big round takes a while on a slow server
-            self.ctl.registry.mark_published(settled[i : i + MARK_SLICE])
-        self.sequencer.confirm(plan)
-        self.published += len(plan.send)
-        log.debug("events: published %d, skipped %d, held %d", len(plan.send), len(plan.skip), plan.held)
-        return len(plan.send) + len(plan.skip)
+        # all up to the mark when the batch was not full (the rest up to it matched nothing)
+        done = int(events[-1]["seq"]) if len(events) == self.s.publish_batch else mark
+        if not self.lease.hold():  # another bridge may have taken over: do not move its position back
+            return -1
+        registry.db[c.META].update_one(
+            {"_id": self.position_id}, {"$set": {"seq": done, "at": time.time()}}, upsert=True
+        )
+        self.published += len(futures)
+        log.debug("events: published %d (up to seq %d)", len(futures), done)
+        return max(len(events), 1)
+
+    @property
+    def position_id(self) -> str:
+        return f"publisher:{self.s.events_topic}"
+
+    def position(self) -> int:
+        """The ``seq`` of the last event published to this topic."""
+        doc = self.ctl.registry.db[c.META].find_one({"_id": self.position_id}, {"seq": 1})
+        return int((doc or {}).get("seq") or 0)
 
     def _close(self) -> None:
         if self.producer is not None:

@@ -53,8 +53,6 @@ class BridgeSettings:
     #: events read from the registry per publish round; pause when there are none
     publish_batch: int = 1000
     publish_idle: float = 0.2
-    #: seconds a missing rev may hold back a deployment's later events before they go out anyway
-    gap_timeout: float = 30.0
     #: retry delays after an outage: doubled from the first up to the cap
     backoff_first: float = 0.5
     backoff_max: float = 30.0

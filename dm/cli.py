@@ -271,15 +271,19 @@ def cmd_events(a: argparse.Namespace) -> int:
     ctl = _control()
     from dm.registry import EventCursor
 
+    cursor = EventCursor(ctl.registry, {"deployment_id": a.deployment} if a.deployment else None)
+    cursor.last = ctl.registry.events_mark()  # read first: what follows the listing is after it
     events = ctl.registry.list_events(a.deployment, limit=a.limit)
     for e in events:
         _print_event(e, a.json)
-    cursor = EventCursor(ctl.registry.events, {"deployment_id": a.deployment} if a.deployment else None)
-    cursor.skip(events)
+    # a deployment's listing comes from its own history, which may be ahead of the relay
+    shown = {(e["deployment_id"], e["rev"]) for e in events}
     while a.follow:
         time.sleep(0.3)
         for e in cursor.poll():
-            _print_event(e, a.json)
+            if (e["deployment_id"], e["rev"]) not in shown:
+                _print_event(e, a.json)
+        shown.clear()  # the cursor has passed them all by now
     return EXIT_OK
 
 

@@ -35,14 +35,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
-from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 
 from dm.control import Control
 from dm.errors import DMError
 from dm.models import FINAL_STATES, LOST, PENDING, RESTARTING, RUNNING, SCHEDULED, STATES
-from dm.registry import EventCursor
+from dm.registry import EventCursor, Registry
 from dm.settings import Settings
 from dm.status import node_rows  # the rows `dm status` shows, with the lease rule
 
@@ -54,19 +53,15 @@ HEARTBEAT_LAST_KEY = "dm:heartbeat:last"
 DEFAULT_PORT = 9464
 #: node states always present in ``dm_node_state`` (stopped nodes are left out, as in ``dm status``)
 NODE_STATES = ("starting", "up", "stopping", "dead")
-#: seconds of events read again at each poll: many processes insert events, each stamped with
-#: its own clock, so they do not arrive in time order (keep it above the hosts' clock skew)
-TAIL_OVERLAP = 10.0
 
 PLACEMENT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 FAILOVER_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class EventTail:
-    """Reads ``events`` incrementally in time order (``_id`` dedupes); counts and times the transitions."""
+    """Reads ``events`` incrementally in the relay's order; counts and times the transitions."""
 
-    def __init__(self, events: Collection[dict[str, Any]]) -> None:
-        self.events = events
+    def __init__(self, registry: Registry) -> None:
         self.placements = Counter("dm_placements", "Deployments placed on a node (scheduled events)", registry=None)
         self.restarts = Counter("dm_restarts", "Algorithms restarted on their node (restarting events)", registry=None)
         self.failovers = Counter("dm_failovers", "Deployments lost with their node (lost events)", registry=None)
@@ -77,12 +72,12 @@ class EventTail:
             "dm_failover_seconds", "From lost to running again in a later generation",
             buckets=FAILOVER_BUCKETS, registry=None,
         )  # fmt: skip
-        self._cursor = EventCursor(events, overlap=TAIL_OVERLAP)
+        self._cursor = EventCursor(registry)
         self._pending: dict[str, float] = {}  # deployment -> when it started waiting for a node
         self._lost: dict[str, tuple[int, float]] = {}  # deployment -> (generation lost, when)
 
     def poll(self) -> int:
-        """Read the events added since the last poll, in time order; returns how many were new."""
+        """Read the events added since the last poll, in order; returns how many were new."""
         new = self._cursor.poll()
         for event in new:
             self.observe(event)
@@ -118,7 +113,7 @@ class DMCollector:
 
     def __init__(self, ctl: Control) -> None:
         self.ctl = ctl
-        self.tail = EventTail(ctl.registry.events)
+        self.tail = EventTail(ctl.registry)
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:

@@ -67,36 +67,32 @@ def event_of(doc: Doc) -> Doc:
 
 
 class EventCursor:
-    """Reads the events collection incrementally, in time order, each event once.
+    """Reads the events collection incrementally, in the relay's order, each event once.
 
-    Not by ``_id``: ObjectIds made by different processes need not sort in insert order,
-    so each poll re-reads the last ``overlap`` seconds and skips the ids it has seen.
+    By ``seq``, the number the relay gives each event it stores, and only up to the mark it
+    saves after each batch, so a batch being written is never seen in part.
     """
 
-    def __init__(self, events: Collection[Doc], query: Doc | None = None, overlap: float = 10.0) -> None:
-        self.events = events
+    def __init__(self, registry: Registry, query: Doc | None = None) -> None:
+        self.registry = registry
         self.query = dict(query or {})
-        self.overlap = overlap
-        self.high = 0.0  # time of the newest event seen
-        self.seen: dict[Any, float] = {}  # _id -> time, of the events in the overlap
+        self.last = 0  # seq of the newest event read
 
     def skip(self, events: list[Doc]) -> None:
         """Mark events as read (e.g. the ones shown before following)."""
         for event in events:
-            self.seen[event["_id"]] = event["time"]
-            self.high = max(self.high, event["time"])
+            self.last = max(self.last, int(event.get("seq") or 0))
 
-    def poll(self) -> list[Doc]:
-        query = dict(self.query)
-        if self.high:
-            query["time"] = {"$gte": self.high - self.overlap}
-        new = []
-        for event in self.events.find(query).sort([("time", 1), ("rev", 1)]):
-            if event["_id"] not in self.seen:
-                new.append(event)
-        self.skip(new)
-        old = self.high - self.overlap
-        self.seen = {oid: t for oid, t in self.seen.items() if t >= old}
+    def poll(self, limit: int = 0) -> list[Doc]:
+        mark = self.registry.events_mark()
+        if mark <= self.last:
+            return []
+        query = {**self.query, "seq": {"$gt": self.last, "$lte": mark}}
+        new = list(self.registry.events.find(query).sort("seq", 1).limit(limit))
+        if new:
+            self.skip(new)
+        if not limit or len(new) < limit:
+            self.last = mark  # nothing else up to the mark matches the query
         return new
 
 
@@ -130,8 +126,7 @@ class Registry:
         self.deployments.create_index([("state", 1), ("node", 1)])
         self.deployments.create_index([("node", 1), ("state", 1)])
         self._unique_event_index()
-        self.events.create_index([("published", 1), ("_id", 1)])
-        self.events.create_index("time")
+        self.events.create_index("seq")
 
     def _unique_event_index(self) -> None:
         """(deployment_id, rev) is unique, so the relay copying an event twice stores it once.
@@ -313,9 +308,9 @@ class Registry:
         return {row["_id"]: row["n"] for row in rows}
 
     def list_events(self, deployment_id: str | None = None, limit: int = 50) -> list[Doc]:
-        """The last ``limit`` events; one deployment's in ``rev`` order, all in time order.
+        """The last ``limit`` events; one deployment's in ``rev`` order, all in the relay's order.
 
-        Not by ``_id``: ObjectIds made by different processes need not sort in insert order.
+        Not by ``_id`` or time: clocks of processes and hosts differ; ``seq`` is the relay's.
         """
         if deployment_id:
             # the deployment's own history is current (the relay copies it a moment later);
@@ -333,7 +328,7 @@ class Registry:
             rows = [*older, *history]
             return rows[-limit:] if limit else rows
         else:
-            rows = list(self.events.find({}).sort([("time", -1), ("rev", -1)]).limit(limit))
+            rows = list(self.events.find({}).sort("seq", -1).limit(limit))
         rows.reverse()
         return rows
 
@@ -405,26 +400,7 @@ class Registry:
         doc["history"] = history
         return doc
 
-    def unpublished_events(self, limit: int = 0, deployment_ids: Iterable[str] | None = None) -> list[Doc]:
-        """Events not yet published to Kafka, oldest first (of these deployments only, if given).
-
-        In the order of the ``(published, _id)`` index: an explicit sort makes this server
-        sort the whole backlog on every call.
-        """
-        query: Doc = {"published": False}
-        if deployment_ids is not None:
-            query["deployment_id"] = {"$in": list(deployment_ids)}
-        return list(self.events.find(query).limit(limit))
-
-    def published_revs(self, deployment_ids: Iterable[str]) -> dict[str, int]:
-        """The highest published rev of each deployment that has one."""
-        query = {"deployment_id": {"$in": list(deployment_ids)}, "published": True}
-        revs: dict[str, int] = {}
-        for e in self.events.find(query, {"deployment_id": 1, "rev": 1}):
-            revs[e["deployment_id"]] = max(int(e["rev"]), revs.get(e["deployment_id"], -1))
-        return revs
-
-    def mark_published(self, event_ids: list[Any], chunk: int = 50) -> None:
-        # small chunks: this server's cost for a long $in grows faster than its length
-        for i in range(0, len(event_ids), chunk):
-            self.events.update_many({"_id": {"$in": event_ids[i : i + chunk]}}, {"$set": {"published": True}})
+    def events_mark(self) -> int:
+        """The relay's mark: every event numbered up to it is stored (see :mod:`dm.relay`)."""
+        meta = self.db[c.META].find_one({"_id": "relay"}, {"seq": 1})
+        return int((meta or {}).get("seq") or 0)

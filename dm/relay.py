@@ -7,7 +7,10 @@ carries into the ``events`` collection, which every reader of events uses (`dm e
 the metrics exporter, the Kafka bridge). Its position in the stream (the resume token)
 is saved in MongoDB after each batch, so a restart goes on where the last relay
 stopped; (deployment_id, rev) is unique in ``events``, so an event copied twice is
-stored once. With no position to resume from (the first start, or the server no longer
+stored once. The relay numbers the events it stores (``seq``: increasing, in the
+registry's order) and saves the highest number with its position: every reader of
+events (the publisher, `dm events -f`, the metrics) follows ``seq`` up to that saved
+mark, so it never sees a batch half-written. With no position to resume from (the first start, or the server no longer
 holds it in its oplog) it first copies every history entry that ``events`` lacks (a
 catch-up scan), then follows.
 
@@ -72,6 +75,7 @@ class Relay(threading.Thread):
         self.meta = ctl.registry.db[c.META]
         self.copied: dict[str, int] = {}  # deployment id -> highest rev stored
         self.stored = 0  # events stored by this relay (for tests and logs)
+        self.seq = 0  # the last number given to an event
 
     def run(self) -> None:
         delay = 0.5
@@ -93,7 +97,10 @@ class Relay(threading.Thread):
 
     def follow(self) -> None:
         """Copy events while this relay holds the lease."""
-        deployments = self.ctl.registry.deployments
+        deployments, events = self.ctl.registry.deployments, self.ctl.registry.events
+        # numbers go on from the highest stored (a relay that died after a write may not have saved it)
+        last = events.find_one({"seq": {"$exists": True}}, {"seq": 1}, sort=[("seq", -1)])
+        self.seq = int(last["seq"]) if last else 0
         saved = (self.meta.find_one({"_id": "relay"}) or {}).get("token")
         stream = None
         if saved is not None:
@@ -142,8 +149,12 @@ class Relay(threading.Thread):
     def store(self, rows: list[Doc]) -> None:
         fresh = [r for r in rows if r["rev"] > self.copied.get(r["deployment_id"], -1)]
         if fresh:
+            numbered = []
+            for r in fresh:
+                self.seq += 1
+                numbered.append({**r, "seq": self.seq})
             try:
-                self.ctl.registry.events.insert_many([{**r, "published": False} for r in fresh], ordered=False)
+                self.ctl.registry.events.insert_many(numbered, ordered=False)
             except BulkWriteError as exc:
                 if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
                     raise
@@ -155,8 +166,11 @@ class Relay(threading.Thread):
             self.copied[r["deployment_id"]] = max(r["rev"], self.copied.get(r["deployment_id"], -1))
 
     def _save(self, token: Any) -> None:
+        """Save the position in the stream, and ``seq``: every event numbered up to it is stored."""
+        sets: Doc = {"seq": self.seq, "at": time.time()}
         if token is not None:
-            self.meta.update_one({"_id": "relay"}, {"$set": {"token": token, "at": time.time()}}, upsert=True)
+            sets["token"] = token
+        self.meta.update_one({"_id": "relay"}, {"$set": sets}, upsert=True)
 
 
 _relay: Relay | None = None

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
 from bridge.broker import Backoff
 from bridge.messages import DeadLetter, Event, Rejected, decode_request
-from bridge.sequencer import Sequencer
 from bridge.settings import BridgeSettings
 from dm.errors import BadRequest, ConfigError
 from dm.models import DeployRequest
@@ -62,114 +60,13 @@ def test_a_dead_letter_keeps_the_original_bytes_and_says_where_and_why_in_header
 def test_an_event_round_trips_as_json_keyed_by_its_deployment() -> None:
     doc = {"_id": "x", "deployment_id": "d1", "request_id": "r1", "algorithm": "hello", "state": "running",
            "node": "2", "generation": 1, "rev": 2, "time": 1.5, "reason": "started", "exit_code": None,
-           "published": False}  # fmt: skip
+           "seq": 7}  # fmt: skip
     event = Event.from_doc(doc)
     assert event.key() == b"d1"
-    assert json.loads(event.encode()) == {k: v for k, v in doc.items() if k not in ("_id", "published")}
+    assert json.loads(event.encode()) == {k: v for k, v in doc.items() if k not in ("_id", "seq")}
     assert Event.decode(event.encode()) == event
     with pytest.raises(BadRequest):
         Event.decode(b'{"deployment_id": "d1"}')
-
-
-# -- the sequencer ----------------------------------------------------------------
-
-
-def ev(dep: str, rev: int, oid: int | None = None) -> dict[str, Any]:
-    return {"_id": f"{oid if oid is not None else rev:04d}{dep}", "deployment_id": dep, "rev": rev}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def sequencer(published: dict[str, int] | None = None, db: list[dict[str, Any]] | None = None) -> Sequencer:
-    def published_revs(ids: list[str]) -> dict[str, int]:
-        return {d: r for d, r in (published or {}).items() if d in ids}
-
-    def unpublished_of(ids: list[str]) -> list[dict[str, Any]]:
-        return [e for e in db or [] if e["deployment_id"] in ids]
-
-    return Sequencer(30.0, published_revs, unpublished_of, Clock())
-
-
-def revs(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
-    return [(e["deployment_id"], e["rev"]) for e in events]
-
-
-def test_events_go_out_per_deployment_in_rev_order_whatever_order_they_were_read_in() -> None:
-    seq = sequencer()
-    plan = seq.plan([ev("b", 1), ev("a", 0), ev("b", 0), ev("a", 1), ev("a", 2)])
-    assert revs(plan.send) == [("b", 0), ("b", 1), ("a", 0), ("a", 1), ("a", 2)]
-    seq.confirm(plan)
-    assert revs(seq.plan([ev("a", 3)]).send) == [("a", 3)]
-
-
-def test_a_later_rev_waits_for_a_missing_one_and_both_go_once_it_appears() -> None:
-    seq = sequencer()
-    first = seq.plan([ev("a", 0), ev("a", 2)])
-    assert revs(first.send) == [("a", 0)] and first.held == 1
-    seq.confirm(first)
-    assert seq.plan([ev("a", 2)]).send == []
-    assert revs(seq.plan([ev("a", 2), ev("a", 1)]).send) == [("a", 1), ("a", 2)]
-
-
-def test_a_missing_rev_beyond_the_scanned_window_is_fetched_not_waited_for() -> None:
-    seq = sequencer(db=[ev("a", 0, oid=9), ev("a", 1, oid=1)])
-    assert revs(seq.plan([ev("a", 1, oid=1)]).send) == [("a", 0), ("a", 1)]
-
-
-def test_a_deployment_seen_first_after_a_restart_continues_after_its_last_published_rev() -> None:
-    seq = sequencer(published={"a": 3})
-    assert revs(seq.plan([ev("a", 4)]).send) == [("a", 4)]
-    seq = sequencer(published={"a": 3})
-    assert seq.plan([ev("a", 5)]).held == 1
-
-
-def test_a_rev_published_already_is_skipped_not_sent_again() -> None:
-    seq = sequencer()
-    plan = seq.plan([ev("a", 0), ev("a", 0, oid=7), ev("a", 1)])
-    assert revs(plan.send) == [("a", 0), ("a", 1)] and revs(plan.skip) == [("a", 0)]
-    seq.confirm(plan)
-    late = seq.plan([ev("a", 1, oid=8)])
-    assert late.send == [] and revs(late.skip) == [("a", 1)]
-
-
-def test_a_rev_missing_longer_than_the_gap_timeout_is_given_up(caplog: pytest.LogCaptureFixture) -> None:
-    seq = sequencer()
-    clock = seq.clock
-    assert isinstance(clock, Clock)
-    seq.confirm(seq.plan([ev("a", 0)]))
-    assert seq.plan([ev("a", 2)]).send == []
-    clock.now = 29.0
-    assert seq.plan([ev("a", 2)]).send == []
-    clock.now = 31.0
-    plan = seq.plan([ev("a", 2)])
-    assert revs(plan.send) == [("a", 2)]
-    assert "rev 1..1 never appeared" in caplog.text
-    seq.confirm(plan)
-    assert seq.gaps == {}
-
-
-def test_a_rev_the_intake_published_itself_is_not_looked_up_and_a_late_copy_is_skipped() -> None:
-    seq = sequencer(published={})  # the registry would say nothing: the cache must know
-    seq.note_published(["a"], 0)
-    assert revs(seq.plan([ev("a", 1)]).send) == [("a", 1)]
-    copy = seq.plan([ev("a", 0, oid=5)])  # written again after a crash, unpublished
-    assert copy.send == [] and revs(copy.skip) == [("a", 0)]
-
-
-def test_reset_forgets_what_was_published_and_the_cache_stays_bounded() -> None:
-    seq = sequencer()
-    seq.capacity = 3
-    for dep in "abcde":
-        seq.confirm(seq.plan([ev(dep, 0)]))
-    assert list(seq.next_rev) == ["c", "d", "e"]
-    seq.reset()
-    assert seq.next_rev == {}
 
 
 # -- settings and backoff ---------------------------------------------------------

@@ -27,7 +27,7 @@ from dm.embedded import _running, free_port, stop_pid
 from dm.errors import ConfigError
 from dm.launcher import flower_credentials, is_loopback
 from dm.metrics import EventTail
-from dm.registry import mongo_client
+from dm.registry import Registry
 from tests.system import ROOT, System, wait_for
 
 Labels = tuple[tuple[str, str], ...]
@@ -221,30 +221,38 @@ def test_a_malformed_flower_password_is_refused(monkeypatch: pytest.MonkeyPatch)
     assert flower_credentials("0.0.0.0") == "a:1,b:2"
 
 
-def test_the_event_tail_orders_events_by_time_and_counts_each_once(stack):
-    # Given an events collection the tail has read
-    db = mongo_client(stack.mongo_url)["dm_tail_" + uuid.uuid4().hex[:8]]
+def test_the_event_tail_reads_up_to_the_relays_mark_and_counts_each_once(stack):
+    # Given events numbered by the relay, and its mark
+    registry = Registry(stack.mongo_url, "dm_tail_" + uuid.uuid4().hex[:8])
+    db = registry.db
     t0 = time.time()
 
     def event(state: str, generation: int, at: float) -> None:
-        rev = db.events.count_documents({})
-        db.events.insert_one({"deployment_id": "d1", "state": state, "generation": generation, "rev": rev, "time": at})
+        n = db.events.count_documents({})
+        db.events.insert_one({"deployment_id": "d1", "state": state, "generation": generation, "rev": n,
+                              "time": at, "seq": n + 1})  # fmt: skip
+
+    def mark() -> None:
+        db.meta.update_one({"_id": "relay"}, {"$set": {"seq": db.events.count_documents({})}}, upsert=True)
 
     try:
         event("pending", 0, t0)
         event("scheduled", 1, t0 + 0.04)
         event("running", 1, t0 + 0.1)
-        tail = EventTail(db.events)
+        mark()
+        tail = EventTail(registry)
         assert tail.poll() == 3
 
-        # When a node's `running` is inserted before the control plane's `lost` that happened first
-        event("running", 2, t0 + 1.5)
+        # When a batch is written but not yet marked, it is not read; once marked, each event once
         event("lost", 1, t0 + 1.0)
         event("scheduled", 2, t0 + 1.2)
-
-        # Then each event counts once, and the failover is timed from lost to running
+        event("running", 2, t0 + 1.5)
+        assert tail.poll() == 0
+        mark()
         assert tail.poll() == 3
         assert tail.poll() == 0
+
+        # Then the counters and timings are those of the events
         samples = {s.name: s.value for family in tail.collect() for s in family.samples if not s.labels}
         assert samples["dm_placements_total"] == 2 and samples["dm_failovers_total"] == 1
         assert samples["dm_placement_latency_seconds_count"] == 1
