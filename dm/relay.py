@@ -38,12 +38,15 @@ log = logging.getLogger("dm.relay")
 
 #: events inserted in one write at most
 BATCH = 500
-#: milliseconds the server waits for a change before an empty answer (the loop's idle pace)
-AWAIT_MS = 250
+#: milliseconds the server waits for a change before an empty answer: the longest an event
+#: waits to be copied, and the idle pace of the loop
+AWAIT_MS = 100
 #: seconds between saves of the position while nothing happens
 SAVE_EVERY = 10.0
 #: deployments whose highest copied rev is remembered (to skip re-sent history cheaply)
 REMEMBER = 50_000
+#: only what the relay reads of each change (the server sends less)
+PIPELINE = [{"$project": {"operationType": 1, "fullDocument.history": 1, "updateDescription.updatedFields": 1}}]
 #: the stream could not be resumed from the saved position (history lost, bad token)
 RESUME_FAILED = {260, 280, 286}
 
@@ -105,7 +108,7 @@ class Relay(threading.Thread):
         stream = None
         if saved is not None:
             try:
-                stream = deployments.watch(resume_after=saved, max_await_time_ms=AWAIT_MS)
+                stream = deployments.watch(PIPELINE, resume_after=saved, max_await_time_ms=AWAIT_MS)
                 change = stream.try_next()  # a lost position shows here at the latest
             except OperationFailure as exc:
                 if exc.code not in RESUME_FAILED:
@@ -113,13 +116,14 @@ class Relay(threading.Thread):
                 log.warning("relay: cannot resume the change stream (%s); catching up from the deployments", exc)
                 stream, change = None, None
         if stream is None:
-            stream = deployments.watch(max_await_time_ms=AWAIT_MS)  # opened first: nothing falls between
+            stream = deployments.watch(PIPELINE, max_await_time_ms=AWAIT_MS)  # opened first: nothing falls between
             self.catch_up()
             change = None
             self._save(stream.resume_token)
         last_save = time.monotonic()
         with stream:
             while not self.stop.is_set() and self.lease.hold():
+                # changes come in batches of the server's; an empty answer waits up to AWAIT_MS
                 rows = events_in(change) if change is not None else []
                 while len(rows) < BATCH:
                     change = stream.try_next()
