@@ -199,3 +199,22 @@ def test_a_version_added_is_the_one_deployed_next(make_system, tmp_path):
     system.add_algorithm(newer)
     second = system.wait_state(system.deploy("hello")["id"], "succeeded")
     assert (first["version"], second["version"]) == ("1.0.0", "1.1.0")
+
+
+def test_a_node_that_just_started_takes_a_burst_without_a_second_node(make_system):
+    # Given one node starting (its agent spends about a core starting up: that is not load)
+    system = make_system(nodes=0, max_nodes=4)
+    system.add_examples("service")
+    node = system.add_node()
+    # its second sample covers its start-up (the first cannot: cpu is measured between two samples)
+    first = wait_for(lambda: system.ctl.redis.hget(f"dm:node:{node}", "ts"), 30, interval=0.01, what="a sample")
+    wait_for(lambda: system.ctl.redis.hget(f"dm:node:{node}", "ts") != first, 30, interval=0.01, what="a second")
+
+    # When five services (0.1 cpu each, half the node) are deployed at once, as it comes up
+    deps = [system.deploy("service", args={"interval": 0.5}) for _ in range(5)]
+    docs = [system.wait_state(d["id"], "running") for d in deps]
+
+    # Then they all run on that node, and no node was added
+    assert {d["node"] for d in docs} == {node}
+    live = [n.id for n in fleet.snapshot(system.ctl.redis, 0) if n.state in ("up", "starting")]
+    assert live == [node]

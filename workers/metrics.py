@@ -1,7 +1,10 @@
 """A node's usage in percent of its capacity, and the thread that publishes it with the lease.
 
-A local node (one of several on a machine) measures its own process tree (agent and
-algorithms) against its declared capacity; a node that owns its host measures the host.
+A local node (one of several on a machine) measures its own process tree against its
+declared capacity: the memory of the agent and its algorithms, the cpu of its algorithms
+(the agent's own cpu is about 0.5% at idle but a whole core while it starts or unpacks a
+package: counting it made a node that had just started look full, and placement start
+another). A node that owns its host measures the host.
 
 The lease is renewed over a connection of its own with short timeouts and no retries
 inside redis-py: while Redis is out of reach the publisher notices within a third of
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class TreeSampler:
-    """cpu and ram of this process and its descendants, in percent of a declared capacity."""
+    """cpu of this process's descendants and ram of it and them, in percent of a declared capacity."""
 
     def __init__(self, cpus: float, memory_mib: float) -> None:
         self.cpus = cpus
@@ -53,7 +56,8 @@ class TreeSampler:
             # keep the Process objects: cpu_percent measures since the previous call on the same object
             proc = self._procs.get(proc.pid, proc)
             try:
-                cpu += proc.cpu_percent(None)
+                busy = proc.cpu_percent(None)
+                cpu += busy if proc.pid != self.root.pid else 0.0
                 rss += proc.memory_info().rss
             except psutil.Error:
                 continue
