@@ -40,4 +40,7 @@ timezone = "UTC"
 for _name, _value in list(globals().items()):
     _env = os.environ.get("CELERY_" + _name.upper())
     if _env is not None and not _name.startswith("_") and _value is not None:
-        globals()[_name] = type(_value)(_env) if isinstance(_value, (int, float, str)) else _env
+        if isinstance(_value, bool):  # bool("False") is True: read the word
+            globals()[_name] = _env.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            globals()[_name] = type(_value)(_env) if isinstance(_value, (int, float, str)) else _env
