@@ -33,6 +33,8 @@ NODE_START_GRACE = 30.0
 IDLE_KEY = "dm:idle_since"
 #: Redis hash: node id -> time its presence connection was first seen missing
 ABSENT_KEY = "dm:absent_since"
+#: hash: node id -> run_id of the Redis server in which its presence connection was last seen
+PRESENT_KEY = "dm:present_in"
 #: seconds the heartbeat lock lives: a check cut short by a Redis restart (the lock kept
 #: in its append-only file) must not hold up the next ones for long
 LOCK_TIMEOUT = 10
@@ -89,15 +91,19 @@ def _connection_gone(ctl: Control, up: list[str], now: float) -> set[str]:
     """Up nodes whose presence connection was missing in this check and the one before.
 
     A process that dies closes its sockets at once, so this sees a ``kill -9`` well
-    before the lease expires; two checks in a row rule out a reconnect in progress.
+    before the lease expires; two checks in a row rule out a reconnect in progress. A
+    node is judged so only once it has been seen present in this run of the Redis server
+    (its ``run_id``): right after a Redis restart every node is still reconnecting.
     """
     present = fleet.present_nodes(ctl.redis)
     if present is None:
         return set()
-    if int(ctl.redis.info("server").get("uptime_in_seconds", 0)) < 2 * ctl.settings.lease_ttl:
-        ctl.redis.delete(ABSENT_KEY)  # Redis just (re)started: every node is still reconnecting
-        return set()
-    missing = [node_id for node_id in up if node_id not in present]
+    run_id = str(ctl.redis.info("server").get("run_id", ""))
+    here = {node_id: run_id for node_id in up if node_id in present}
+    if here:
+        ctl.redis.hset(PRESENT_KEY, mapping=here)  # type: ignore[arg-type]
+    known = ctl.redis.hgetall(PRESENT_KEY)
+    missing = [node_id for node_id in up if node_id not in present and known.get(node_id) == run_id]
     seen = ctl.redis.hgetall(ABSENT_KEY)
     stale = [node_id for node_id in seen if node_id not in missing]
     pipe = ctl.redis.pipeline()
