@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from redis.exceptions import LockError
 
 from dm import balancer, fleet, node_manager
 from dm import constants as c
@@ -44,6 +49,61 @@ def public(doc: Doc) -> dict[str, Any]:
     return {"id": doc["_id"], **{k: doc.get(k) for k in PUBLIC_FIELDS}}
 
 
+#: seconds the placement lock lives (a deployer that dies holding it holds placements up this long)
+LOCK_TTL = 30.0
+#: seconds a deployer waits for the placement lock before it gives up
+LOCK_WAIT = 60.0
+
+
+class _Held:
+    """The placement lock, held as a token; released once: in the last pipeline, or at the end."""
+
+    def __init__(self, r: Any, token: str) -> None:
+        self.r, self.token, self.released = r, token, False
+
+    def release(self, pipe: Any = None) -> None:
+        if not self.released:
+            fleet.unlock(self.r, self.token, pipe)
+            self.released = True
+
+
+@contextmanager
+def _placing(ctl: Control, demand: Demand) -> Iterator[tuple[_Held, str | None, str, list[balancer.NodeView]]]:
+    """Hold the placement lock and choose a node for ``demand``: (lock, node id, reason, nodes).
+
+    For the policies ``min`` and ``max`` one Redis script takes the lock and chooses (the
+    arithmetic of :mod:`dm.balancer`, on the same figures). When nothing fits, or for
+    ``p2c``, the fleet is read and :func:`dm.balancer.choose` decides; node id None: no
+    node fits (``nodes`` is the fleet then, for the node manager).
+    """
+    r, s = ctl.redis, ctl.settings
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        if s.policy in fleet.DECIDE_POLICIES:
+            answer = fleet.decide(r, token, demand, s.threshold, s.policy, s.reservation_settle, LOCK_TTL)
+        else:
+            answer = ["read"] if r.set(c.PLACEMENT_LOCK, token, nx=True, px=int(LOCK_TTL * 1000)) else ["locked"]
+        if answer[0] != "locked":
+            break
+        if time.monotonic() > deadline:
+            raise LockError(f"the placement lock {c.PLACEMENT_LOCK} was held for over {LOCK_WAIT:g}s; try again")
+        time.sleep(0.002)
+    held = _Held(r, token)
+    try:
+        if answer[0] == "ok":
+            yield held, answer[1], f"placed on node-{answer[1]} (load {float(answer[2]):.1f})", []
+        else:
+            nodes = fleet.snapshot(r, s.reservation_settle)
+            chosen = balancer.choose(nodes, demand, s.threshold, s.policy)
+            if chosen is not None:
+                yield held, chosen.id, f"placed on node-{chosen.id} (load {balancer.score(chosen):.1f})", nodes
+            else:
+                yield held, None, "", nodes
+    finally:
+        held.release()
+
+
 def deploy(ctl: Control, request: DeployRequest) -> Doc:
     """Validate, decide where, and record the deployment already ``scheduled`` there in one
     registry write (its ``pending`` and ``scheduled`` events ride along), then dispatch it.
@@ -55,30 +115,31 @@ def deploy(ctl: Control, request: DeployRequest) -> Doc:
     algorithm = ctl.algorithm(request.algorithm, request.version)
     validate_args(AlgorithmSpec.from_dict(algorithm["spec"]), request.args)
     demand = Demand.from_dict(algorithm["spec"]["demand"])
-    with ctl.redis.lock(c.PLACEMENT_LOCK, timeout=30, blocking_timeout=60):
-        nodes = fleet.snapshot(ctl.redis, ctl.settings.reservation_settle)
-        chosen = balancer.choose(nodes, demand, ctl.settings.threshold, ctl.settings.policy)
-        if chosen is None and request.request_id:
+    known: Doc | None = None
+    with _placing(ctl, demand) as (held, node_id, reason, nodes):
+        if node_id is None and request.request_id:
             # about to start a node: not for a request that is recorded already
             known = ctl.registry.deployments.find_one({"request_id": request.request_id}, {"history": 0})
-            if known is not None:
-                return place(ctl, known["_id"], known)
-        node_id, reason = _decide(ctl, nodes, chosen)
-        doc, created = ctl.registry.create_deployment(request, algorithm, node=node_id, reason=reason, since=received)
-        doc.pop("history", None)
-        if created and node_id is not None:
-            _allocate_and_dispatch(ctl, doc, demand)
+        if known is None:
+            if node_id is None:
+                node_id, reason = _add_or_wait(ctl, nodes)
+            doc, created = ctl.registry.create_deployment(
+                request, algorithm, node=node_id, reason=reason, since=received
+            )
+            doc.pop("history", None)
+            if created and node_id is not None:
+                _allocate_and_dispatch(ctl, doc, demand, held)
+    if known is not None:
+        return place(ctl, known["_id"], known)
     if not created:  # a redelivery or a retry: go on from where the first stopped
         return place(ctl, doc["_id"], doc)
     return doc
 
 
-def _decide(ctl: Control, nodes: list[balancer.NodeView], chosen: balancer.NodeView | None) -> tuple[str | None, str]:
-    """(node id, reason) of a placement, starting a node when none has room; (None, why) when
-    none can be added. Called with the placement lock held."""
+def _add_or_wait(ctl: Control, nodes: list[balancer.NodeView]) -> tuple[str | None, str]:
+    """No node has room: (a new node's id, reason), or (None, why) when none can be added.
+    Called with the placement lock held."""
     settings = ctl.settings
-    if chosen is not None:
-        return chosen.id, f"placed on node-{chosen.id} (load {balancer.score(chosen):.1f})"
     added = node_manager.add_node(ctl, nodes)
     if added is not None:
         return added, f"placed on new node-{added}: no node had room under {settings.threshold:g}%"
@@ -107,10 +168,9 @@ def place(ctl: Control, dep_id: str, doc: Doc | None = None) -> Doc:
     if doc["state"] not in (PENDING, LOST):
         return doc
     demand = Demand.from_dict(doc["demand"])
-    with ctl.redis.lock(c.PLACEMENT_LOCK, timeout=30, blocking_timeout=60):
-        nodes = fleet.snapshot(ctl.redis, ctl.settings.reservation_settle)
-        chosen = balancer.choose(nodes, demand, ctl.settings.threshold, ctl.settings.policy)
-        node_id, reason = _decide(ctl, nodes, chosen)
+    with _placing(ctl, demand) as (held, node_id, reason, nodes):
+        if node_id is None:
+            node_id, reason = _add_or_wait(ctl, nodes)
         if node_id is None:
             if doc["state"] == PENDING and doc.get("reason") == reason:
                 return doc
@@ -132,15 +192,16 @@ def place(ctl: Control, dep_id: str, doc: Doc | None = None) -> Doc:
         )
         if placed is None:  # another deployer placed or stopped it first
             return ctl.registry.get_deployment(dep_id)
-        _allocate_and_dispatch(ctl, placed, demand)
+        _allocate_and_dispatch(ctl, placed, demand, held)
     return placed
 
 
-def _allocate_and_dispatch(ctl: Control, doc: Doc, demand: Demand) -> None:
-    """Record the allocation and send ``dm.run`` to the node, in one Redis round trip when
-    the broker is this Redis. After the registry write: the node checks the deployment."""
+def _allocate_and_dispatch(ctl: Control, doc: Doc, demand: Demand, held: _Held) -> None:
+    """Record the allocation, release the placement lock and send ``dm.run`` to the node, in
+    one Redis round trip when the broker is this Redis. After the registry write."""
     pipe = ctl.redis.pipeline(transaction=False)
     fleet.allocate(ctl.redis, doc["node"], doc["_id"], demand, pipe=pipe)
+    held.release(pipe)
     same = app.conf.broker_url == ctl.settings.redis_url
     queued = same and sender().push(pipe, [_run_order(doc)])
     pipe.execute()

@@ -184,6 +184,88 @@ return out
 """
 
 
+#: decide: take the placement lock and choose a node, in one call (policies ``min`` and ``max``).
+#: KEYS the node set, the lock; ARGV token, lock ms, settle, demand cpu, demand memory,
+#: threshold, policy, node key pattern, alloc pattern, recent pattern.
+#: Returns {'locked'}, or with the lock taken {'ok', id, score} or {'none'}. The same
+#: arithmetic as dm.balancer (its tests hold the two side by side) on the same figures
+#: as :func:`snapshot` (with the same trimming of settled reservations).
+_DECIDE = """
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'locked'} end
+local settle = tonumber(ARGV[3])
+local dcpu, dmem, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]) + 1e-9
+local want_max = ARGV[7] == 'max'
+local function round6(x) return math.floor(x * 1e6 + 0.5) / 1e6 end
+local function pct(amount, capacity) return amount / capacity * 100.0 end
+local best, bscore, bn
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = string.gsub(ARGV[8], '{}', id)
+  local row = redis.call('HMGET', key, 'cpus', 'memory', 'state', 'cpu', 'ram',
+                         'alloc_cpu', 'alloc_memory', 'alloc_n', 'ts', 'res_cpu', 'res_memory')
+  local cpus, memory = tonumber(row[1] or ''), tonumber(row[2] or '')
+  local state = row[3] or 'starting'
+  if cpus and memory and cpus > 0 and memory > 0 and (state == 'up' or state == 'starting') then
+    local ts = tonumber(row[9] or '0') or 0
+    local rcpu, rmem = tonumber(row[10] or '0') or 0, tonumber(row[11] or '0') or 0
+    local rkey = string.gsub(ARGV[10], '{}', id)
+    local settled = redis.call('ZRANGEBYSCORE', rkey, '-inf', tostring(ts - settle))
+    if #settled > 0 then
+      for _, v in ipairs(redis.call('HMGET', string.gsub(ARGV[9], '{}', id), unpack(settled))) do
+        if v then
+          local a = cjson.decode(v)
+          rcpu = rcpu - a.cpu
+          rmem = rmem - a.memory
+        end
+      end
+      if settle > 0 then
+        redis.call('ZREM', rkey, unpack(settled))
+        redis.call('HSET', key, 'res_cpu', tostring(rcpu), 'res_memory', tostring(rmem))
+      end
+    end
+    rcpu, rmem = math.max(0, round6(rcpu)), math.max(0, round6(rmem))
+    local ccpu = math.max(0, round6(tonumber(row[6] or '0') or 0))
+    local cmem = math.max(0, round6(tonumber(row[7] or '0') or 0))
+    local ecpu = math.max((tonumber(row[4] or '0') or 0) + pct(rcpu, cpus), pct(ccpu, cpus))
+    local eram = math.max((tonumber(row[5] or '0') or 0) + pct(rmem, memory), pct(cmem, memory))
+    if ecpu + pct(dcpu, cpus) <= limit and eram + pct(dmem, memory) <= limit then
+      local score = 0
+      if ecpu > 0 and eram > 0 then score = 1.0 / (1.0 / ecpu + 1.0 / eram) end
+      local n = tonumber(row[8] or '0') or 0
+      local key1 = want_max and -score or score
+      local bkey = best and (want_max and -bscore or bscore)
+      if not best or key1 < bkey or (key1 == bkey and (n < bn or (n == bn and id < best))) then
+        best, bscore, bn = id, score, n
+      end
+    end
+  end
+end
+if best then return {'ok', best, tostring(bscore)} end
+return {'none'}
+"""
+#: release the lock if it is still this token's: KEYS the lock; ARGV token
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+#: policies the one-call decision knows (``p2c`` reads the fleet and asks dm.balancer)
+DECIDE_POLICIES = ("min", "max")
+
+
+def decide(
+    r: redis.Redis, token: str, demand: Demand, threshold: float, policy: str, settle: float, lock_seconds: float
+) -> list[str]:
+    """Take the placement lock (as ``token``) and choose a node in one call; see ``_DECIDE``."""
+    keys = [c.NODES_KEY, c.PLACEMENT_LOCK]
+    args = [token, int(lock_seconds * 1000), settle, repr(demand.cpu), repr(demand.memory), threshold, policy,
+            c.NODE_KEY, c.ALLOC_KEY, c.RECENT_KEY]  # fmt: skip
+    return [str(x) for x in _script(r, _DECIDE)(keys=keys, args=args)]
+
+
+def unlock(r: redis.Redis, token: str, pipe: Any = None) -> None:
+    """Release the placement lock taken as ``token`` (on ``pipe`` if given)."""
+    _script(r, _UNLOCK)(keys=[c.PLACEMENT_LOCK], args=[token], client=pipe)
+
+
 def _script(r: redis.Redis, source: str) -> Any:
     """A registered Lua script of this client (EVALSHA, loaded again after a Redis restart)."""
     scripts: dict[str, Any] = r.__dict__.setdefault("_dm_scripts", {})

@@ -1,0 +1,94 @@
+"""The fleet's hot state in a real Redis: the one-call placement decision agrees with the
+balancer on the same figures, and the running totals of allocations stay exact."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+import redis
+
+from dm import balancer, fleet
+from dm import constants as c
+from dm.models import Demand, MetricsSample
+
+
+@pytest.fixture
+def r(stack):
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def random_fleet(r: redis.Redis, rng: random.Random) -> None:
+    r.flushdb()
+    for i in range(rng.randint(1, 12)):
+        node = str(rng.randint(1, 40))
+        state = rng.choice(["up", "up", "up", "starting", "dead", "stopping"])
+        cpus, memory = rng.choice([0.5, 1, 2, 4, 0]), rng.choice([256, 1024, 4096])
+        fleet.register_node(r, node, cpus=cpus, memory=memory, state=state)
+        if rng.random() < 0.8:
+            sample = MetricsSample(node, cpu=rng.choice([0.0, rng.uniform(0, 100)]), ram=rng.uniform(0, 100))
+            fleet.publish(r, sample, lease_ttl=60, token="t")
+        for k in range(rng.randint(0, 6)):
+            demand = Demand(rng.choice([0.05, 0.1, 0.25, 0.5]), rng.choice([16, 64, 128]))
+            fleet.allocate(r, node, f"d{i}-{k}", demand)
+        if rng.random() < 0.5:  # a later sample: some reservations have settled
+            r.hset(c.NODE_KEY.format(node), "ts", str(float(r.hget(c.NODE_KEY.format(node), "ts") or 0) + 5))
+
+
+@pytest.mark.parametrize("policy", ["min", "max"])
+def test_the_one_call_decision_is_the_balancers_choice(r: redis.Redis, policy: str) -> None:
+    rng = random.Random(7)
+    placed = refused = 0
+    for _ in range(300):
+        random_fleet(r, rng)
+        demand = Demand(rng.choice([0.05, 0.2, 0.5, 1.0]), rng.choice([16, 128, 512]))
+        threshold = rng.choice([50.0, 80.0, 95.0])
+        token = uuid.uuid4().hex
+        answer = fleet.decide(r, token, demand, threshold, policy, settle=3.0, lock_seconds=5)
+        fleet.unlock(r, token)
+        chosen = balancer.choose(fleet.snapshot(r, 3.0), demand, threshold, policy)
+        if chosen is None:
+            assert answer == ["none"]
+            refused += 1
+        else:
+            assert answer[:2] == ["ok", chosen.id]
+            assert float(answer[2]) == pytest.approx(balancer.score(chosen))
+            placed += 1
+    assert placed > 50 and refused > 20  # both outcomes were exercised
+
+
+def test_the_decision_takes_the_lock_and_waits_for_its_holder(r: redis.Redis) -> None:
+    fleet.register_node(r, "1", cpus=1, memory=1024, state="up")
+    assert fleet.decide(r, "a", Demand(0.1, 64), 80.0, "min", 3.0, 5)[0] == "ok"
+    assert fleet.decide(r, "b", Demand(0.1, 64), 80.0, "min", 3.0, 5) == ["locked"]
+    fleet.unlock(r, "b")  # not the holder: nothing happens
+    assert fleet.decide(r, "b", Demand(0.1, 64), 80.0, "min", 3.0, 5) == ["locked"]
+    fleet.unlock(r, "a")
+    assert fleet.decide(r, "b", Demand(0.1, 64), 80.0, "min", 3.0, 5)[0] == "ok"
+
+
+def test_running_totals_follow_allocations_and_releases(r: redis.Redis) -> None:
+    fleet.register_node(r, "1", cpus=2, memory=2048, state="up")
+    rng = random.Random(3)
+    held: dict[str, Demand] = {}
+    for _ in range(400):
+        dep = f"d{rng.randint(0, 60)}"
+        if dep in held and rng.random() < 0.5:
+            fleet.release(r, "1", dep)
+            del held[dep]
+        else:
+            held[dep] = Demand(rng.choice([0.05, 0.1, 0.3]), rng.choice([16.0, 32.0, 64.5]))
+            fleet.allocate(r, "1", dep, held[dep])
+    (view,) = fleet.snapshot(r, 3.0)
+    assert view.deployments == len(held)
+    assert view.committed_cpu == pytest.approx(sum(d.cpu for d in held.values()), abs=1e-6)
+    assert view.committed_memory == pytest.approx(sum(d.memory for d in held.values()), abs=1e-6)
+    assert view.reserved_cpu == pytest.approx(view.committed_cpu, abs=1e-6)  # no sample yet: all reserved
+    for dep in list(held):
+        fleet.release(r, "1", dep)
+    (view,) = fleet.snapshot(r, 3.0)
+    assert (view.deployments, view.committed_cpu, view.committed_memory, view.reserved_cpu) == (0, 0.0, 0.0, 0.0)
