@@ -195,11 +195,11 @@ def report(args: argparse.Namespace, f: dict[str, list[float]], elapsed: float) 
     split = table(
         ["phase of the dm path (between event stamps)", "p50 ms", "p99 ms"],
         [
-            ["`delay` -> `pending` (broker hop to the control worker, algorithm lookup)",
+            ["`delay` -> `pending` (the caller's send and the broker hop to the control worker)",
              ms(percentile(f["submit"], 50)), ms(percentile(f["submit"], 99))],
-            ["`pending` -> `scheduled` (deployment + event inserts, read, lock, snapshot, choose)",
+            ["`pending` -> `scheduled` (algorithm (cached), args, lock + decision in one Redis script)",
              ms(percentile(f["place"], 50)), ms(percentile(f["place"], 99))],
-            ["`scheduled` -> `running` (CAS + event, allocate, dispatch hop, node: read, spawn)",
+            ["`scheduled` -> `running` (the insert with its events, allocation + dispatch, hop to the node, start)",
              ms(percentile(f["start"], 50)), ms(percentile(f["start"], 99))],
         ],
     )  # fmt: skip
