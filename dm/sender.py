@@ -13,7 +13,6 @@ Any other broker gets ``send_task``.
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import uuid
 from collections.abc import Sequence
@@ -60,12 +59,12 @@ class TaskSender:
             "argsrepr": argsrepr if argsrepr is not None else repr(tuple(args)),
             "kwargsrepr": repr(kwargs),
         }
-        properties = copy.deepcopy(properties)
-        properties.update(
-            correlation_id=task_id,
-            delivery_tag=str(uuid.uuid4()),
-            delivery_info={"exchange": "", "routing_key": queue},
-        )
+        properties = {  # a shallow copy: the one nested value, delivery_info, is replaced
+            **properties,
+            "correlation_id": task_id,
+            "delivery_tag": str(uuid.uuid4()),
+            "delivery_info": {"exchange": "", "routing_key": queue},
+        }
         envelope = {
             "body": base64.b64encode(body).decode(),
             "content-encoding": "utf-8",
