@@ -266,6 +266,18 @@ def test_redis_and_mongodb_restarted_under_a_running_system_lose_nothing(cluster
     time.sleep(1)
     assert overlaps(ledger) == []
 
+    # And the relay went on through both outages: every transition of every deployment is in events
+    registry = c.system.ctl.registry
+
+    def relayed() -> bool:
+        for doc in registry.deployments.find({}, {"rev": 1}):
+            revs = sorted(e["rev"] for e in registry.events.find({"deployment_id": doc["_id"]}, {"rev": 1}))
+            if revs != list(range(doc["rev"] + 1)):
+                return False
+        return True
+
+    wait_for(relayed, 30, what="every event copied into events")
+
 
 @needs_root
 def test_the_command_provider_starts_and_stops_nodes_on_test_hosts_through_its_templates(cluster, testnet, tmp_path):
