@@ -185,7 +185,8 @@ def bridge_run(env: dict[str, str], work: Path, count: int, events: bool, stop_p
 
             def published() -> bool:  # every pending event numbered, and the publisher past them all
                 mark = ctl.registry.events_mark()
-                return ctl.registry.events.count_documents({"seq": {"$lte": mark}}) >= count and position() >= mark
+                numbered = ctl.registry.events.count_documents({"_id": {"$gte": 0, "$lte": mark}})
+                return numbered >= count and position() >= mark
 
             wait_for(published, 600, "events published")
             result["events_rate"] = count / (time.perf_counter() - t0)

@@ -91,8 +91,8 @@ class EventPublisher:
         mark = registry.events_mark()
         if mark <= start:
             return 0
-        query = {"seq": {"$gt": start, "$lte": mark}}
-        events = list(registry.events.find(query).sort("seq", 1).limit(self.s.publish_batch))
+        query = {"_id": {"$gt": start, "$lte": mark}}  # the relay's number is the event's _id
+        events = list(registry.events.find(query).sort("_id", 1).limit(self.s.publish_batch))
         futures = []
         for doc in events:
             try:
@@ -106,7 +106,7 @@ class EventPublisher:
             for future in futures:
                 future.get(timeout=self.s.kafka_timeout)  # raises if that record failed
         # all up to the mark when the batch was not full (the rest up to it matched nothing)
-        done = int(events[-1]["seq"]) if len(events) == self.s.publish_batch else mark
+        done = int(events[-1]["_id"]) if len(events) == self.s.publish_batch else mark
         if not self.lease.hold():  # another bridge may have taken over: do not move its position back
             return -1
         registry.db[c.META].update_one(

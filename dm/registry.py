@@ -69,8 +69,8 @@ def event_of(doc: Doc) -> Doc:
 class EventCursor:
     """Reads the events collection incrementally, in the relay's order, each event once.
 
-    By ``seq``, the number the relay gives each event it stores, and only up to the mark it
-    saves after each batch, so a batch being written is never seen in part.
+    By ``seq`` (also the ``_id``), the number the relay gives each event it stores, and only
+    up to the mark it saves after each batch, so a batch being written is never seen in part.
     """
 
     def __init__(self, registry: Registry, query: Doc | None = None) -> None:
@@ -87,8 +87,8 @@ class EventCursor:
         mark = self.registry.events_mark()
         if mark <= self.last:
             return []
-        query = {**self.query, "seq": {"$gt": self.last, "$lte": mark}}
-        new = list(self.registry.events.find(query).sort("seq", 1).limit(limit))
+        query = {**self.query, "_id": {"$gt": self.last, "$lte": mark}}
+        new = list(self.registry.events.find(query).sort("_id", 1).limit(limit))
         if new:
             self.skip(new)
         if not limit or len(new) < limit:
@@ -125,8 +125,7 @@ class Registry:
         self.deployments.create_index("request_id", unique=True)
         self.deployments.create_index([("state", 1), ("node", 1)])
         self.deployments.create_index([("node", 1), ("state", 1)])
-        self._unique_event_index()
-        self.events.create_index("seq")
+        self._unique_event_index()  # and the relay's number is the _id: no index of its own
 
     def _unique_event_index(self) -> None:
         """(deployment_id, rev) is unique, so the relay copying an event twice stores it once.
@@ -328,7 +327,7 @@ class Registry:
             rows = [*older, *history]
             return rows[-limit:] if limit else rows
         else:
-            rows = list(self.events.find({}).sort("seq", -1).limit(limit))
+            rows = list(self.events.find({"_id": {"$gte": 0}}).sort("_id", -1).limit(limit))
         rows.reverse()
         return rows
 

@@ -7,8 +7,8 @@ carries into the ``events`` collection, which every reader of events uses (`dm e
 the metrics exporter, the Kafka bridge). Its position in the stream (the resume token)
 is saved in MongoDB after each batch, so a restart goes on where the last relay
 stopped; (deployment_id, rev) is unique in ``events``, so an event copied twice is
-stored once. The relay numbers the events it stores (``seq``: increasing, in the
-registry's order) and saves the highest number with its position: every reader of
+stored once. The relay numbers the events it stores (``seq``, also their ``_id``:
+increasing, in the registry's order) and saves the highest number with its position: every reader of
 events (the publisher, `dm events -f`, the metrics) follows ``seq`` up to that saved
 mark, so it never sees a batch half-written. With no position to resume from (the first start, or the server no longer
 holds it in its oplog) it first copies every history entry that ``events`` lacks (a
@@ -102,8 +102,8 @@ class Relay(threading.Thread):
         """Copy events while this relay holds the lease."""
         deployments, events = self.ctl.registry.deployments, self.ctl.registry.events
         # numbers go on from the highest stored (a relay that died after a write may not have saved it)
-        last = events.find_one({"seq": {"$exists": True}}, {"seq": 1}, sort=[("seq", -1)])
-        self.seq = int(last["seq"]) if last else 0
+        last = events.find_one({"_id": {"$gte": 0}}, {"_id": 1}, sort=[("_id", -1)])  # numbered ones only
+        self.seq = int(last["_id"]) if last else 0
         saved = (self.meta.find_one({"_id": "relay"}) or {}).get("token")
         stream = None
         if saved is not None:
@@ -156,7 +156,7 @@ class Relay(threading.Thread):
             numbered = []
             for r in fresh:
                 self.seq += 1
-                numbered.append({**r, "seq": self.seq})
+                numbered.append({**r, "_id": self.seq, "seq": self.seq})
             try:
                 self.ctl.registry.events.insert_many(numbered, ordered=False)
             except BulkWriteError as exc:

@@ -229,8 +229,8 @@ def test_the_event_tail_reads_up_to_the_relays_mark_and_counts_each_once(stack):
 
     def event(state: str, generation: int, at: float) -> None:
         n = db.events.count_documents({})
-        db.events.insert_one({"deployment_id": "d1", "state": state, "generation": generation, "rev": n,
-                              "time": at, "seq": n + 1})  # fmt: skip
+        db.events.insert_one({"_id": n + 1, "seq": n + 1, "deployment_id": "d1", "state": state,
+                              "generation": generation, "rev": n, "time": at})  # fmt: skip
 
     def mark() -> None:
         db.meta.update_one({"_id": "relay"}, {"$set": {"seq": db.events.count_documents({})}}, upsert=True)
