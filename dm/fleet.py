@@ -150,19 +150,24 @@ return 1
 #: was placed after the node's last sample minus settle: allocations older than that leave
 #: the recent set and its totals here (with settle 0, a look that changes nothing), so the
 #: cost does not grow with the number of deployments, only with those placed since.
-_SNAPSHOT = """
-local settle = tonumber(ARGV[1])
-local out = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local key = string.gsub(ARGV[2], '{}', id)
-  local row = redis.call('HMGET', key, 'cpus', 'memory', 'state', 'cpu', 'ram',
+_NODE_LUA = """
+-- a node's hash fields placement reads: cpus, memory, state, cpu, ram, alloc_cpu,
+-- alloc_memory, alloc_n, ts, res_cpu, res_memory
+local function read_node(pattern, id)
+  local key = string.gsub(pattern, '{}', id)
+  return key, redis.call('HMGET', key, 'cpus', 'memory', 'state', 'cpu', 'ram',
                          'alloc_cpu', 'alloc_memory', 'alloc_n', 'ts', 'res_cpu', 'res_memory')
+end
+-- the node's reserved cpu and memory: what was placed after its last sample minus settle.
+-- Allocations older than that leave the recent set and its totals (with settle 0, a look
+-- that changes nothing), so the cost grows only with what was placed since.
+local function reserved(key, row, id, settle, alloc_pattern, recent_pattern)
   local ts = tonumber(row[9] or '0') or 0
   local cpu, memory = tonumber(row[10] or '0') or 0, tonumber(row[11] or '0') or 0
-  local rkey = string.gsub(ARGV[4], '{}', id)
+  local rkey = string.gsub(recent_pattern, '{}', id)
   local settled = redis.call('ZRANGEBYSCORE', rkey, '-inf', tostring(ts - settle))
   if #settled > 0 then
-    for _, v in ipairs(redis.call('HMGET', string.gsub(ARGV[3], '{}', id), unpack(settled))) do
+    for _, v in ipairs(redis.call('HMGET', string.gsub(alloc_pattern, '{}', id), unpack(settled))) do
       if v then
         local a = cjson.decode(v)
         cpu = cpu - a.cpu
@@ -174,6 +179,20 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
       redis.call('HSET', key, 'res_cpu', tostring(cpu), 'res_memory', tostring(memory))
     end
   end
+  return cpu, memory
+end
+"""
+#: snapshot: KEYS the node set; ARGV settle seconds, node key pattern, alloc pattern, recent pattern.
+#: Per node: id, then cpus, memory, state, cpu, ram, alloc_cpu, alloc_memory, alloc_n, and the
+#: reserved cpu and memory (as strings: Lua numbers come back as integers).
+_SNAPSHOT = (
+    _NODE_LUA
+    + """
+local settle = tonumber(ARGV[1])
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key, row = read_node(ARGV[2], id)
+  local cpu, memory = reserved(key, row, id, settle, ARGV[3], ARGV[4])
   row[9] = tostring(cpu)
   row[10] = tostring(memory)
   row[11] = nil
@@ -182,6 +201,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return out
 """
+)
 
 
 #: decide: take the placement lock and choose a node, in one call (policies ``min`` and ``max``).
@@ -190,7 +210,9 @@ return out
 #: Returns {'locked'}, or with the lock taken {'ok', id, score} or {'none'}. The same
 #: arithmetic as dm.balancer (its tests hold the two side by side) on the same figures
 #: as :func:`snapshot` (with the same trimming of settled reservations).
-_DECIDE = """
+_DECIDE = (
+    _NODE_LUA
+    + """
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'locked'} end
 local settle = tonumber(ARGV[3])
 local dcpu, dmem, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]) + 1e-9
@@ -199,29 +221,11 @@ local function round6(x) return math.floor(x * 1e6 + 0.5) / 1e6 end
 local function pct(amount, capacity) return amount / capacity * 100.0 end
 local best, bscore, bn
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local key = string.gsub(ARGV[8], '{}', id)
-  local row = redis.call('HMGET', key, 'cpus', 'memory', 'state', 'cpu', 'ram',
-                         'alloc_cpu', 'alloc_memory', 'alloc_n', 'ts', 'res_cpu', 'res_memory')
+  local key, row = read_node(ARGV[8], id)
   local cpus, memory = tonumber(row[1] or ''), tonumber(row[2] or '')
   local state = row[3] or 'starting'
   if cpus and memory and cpus > 0 and memory > 0 and (state == 'up' or state == 'starting') then
-    local ts = tonumber(row[9] or '0') or 0
-    local rcpu, rmem = tonumber(row[10] or '0') or 0, tonumber(row[11] or '0') or 0
-    local rkey = string.gsub(ARGV[10], '{}', id)
-    local settled = redis.call('ZRANGEBYSCORE', rkey, '-inf', tostring(ts - settle))
-    if #settled > 0 then
-      for _, v in ipairs(redis.call('HMGET', string.gsub(ARGV[9], '{}', id), unpack(settled))) do
-        if v then
-          local a = cjson.decode(v)
-          rcpu = rcpu - a.cpu
-          rmem = rmem - a.memory
-        end
-      end
-      if settle > 0 then
-        redis.call('ZREM', rkey, unpack(settled))
-        redis.call('HSET', key, 'res_cpu', tostring(rcpu), 'res_memory', tostring(rmem))
-      end
-    end
+    local rcpu, rmem = reserved(key, row, id, settle, ARGV[9], ARGV[10])
     rcpu, rmem = math.max(0, round6(rcpu)), math.max(0, round6(rmem))
     local ccpu = math.max(0, round6(tonumber(row[6] or '0') or 0))
     local cmem = math.max(0, round6(tonumber(row[7] or '0') or 0))
@@ -242,6 +246,7 @@ end
 if best then return {'ok', best, tostring(bscore)} end
 return {'none'}
 """
+)
 #: release the lock if it is still this token's: KEYS the lock; ARGV token
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
