@@ -85,6 +85,7 @@ def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids:
     import redis
 
     from dm import constants as c
+    from dm import keys as k
     from dm.control import Control
     from dm.package import load_spec, pack
     from dm.settings import Settings
@@ -110,7 +111,7 @@ def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids:
 
     def nodes_up() -> bool:
         h.check_alive()
-        return all(r.hget(c.NODE_KEY.format(n), "state") == "up" for n in node_ids)
+        return all(r.hget(k.NODE.format(n), "state") == "up" for n in node_ids)
 
     wait_for(nodes_up, 90, f"{args.nodes} node(s) up")
     wait_for(

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(h: Harness, args: argparse.Namespace) -> list[Watch]:
     import redis
 
-    from dm import constants as c
+    from dm import keys as k
 
     node_id = f"idle-{uuid.uuid4().hex[:6]}"
     agent = h.spawn("agent", [sys.executable, "-m", "workers", "--id", node_id, "--cpus", "1", "--memory", "1024",
@@ -105,7 +105,7 @@ def run(h: Harness, args: argparse.Namespace) -> list[Watch]:
 
     def agent_up() -> bool:
         h.check_alive()
-        return r.hget(c.NODE_KEY.format(node_id), "state") == "up"
+        return r.hget(k.NODE.format(node_id), "state") == "up"
 
     def baseline_up() -> bool:
         h.check_alive()
@@ -129,7 +129,7 @@ def run(h: Harness, args: argparse.Namespace) -> list[Watch]:
     h.check_alive()
     for w in watches:
         w.finish(elapsed)
-    if r.hget(c.NODE_KEY.format(node_id), "state") != "up":
+    if r.hget(k.NODE.format(node_id), "state") != "up":
         raise RuntimeError(f"node {node_id} is no longer up after the window")
     return watches
 

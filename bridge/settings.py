@@ -12,12 +12,13 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from dm import constants as c
+from dm import keys as k
 from dm.errors import ConfigError
 
 #: env prefix of every bridge setting
 ENV_PREFIX = "DM_BRIDGE_"
 #: Redis key of the lease held by the one bridge that publishes events
-EVENTS_LOCK = c.EVENTS_LOCK
+EVENTS_LOCK = k.EVENTS_LOCK
 
 
 @dataclass(frozen=True)

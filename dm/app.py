@@ -45,10 +45,16 @@ except ImportError:  # installed without the checkout: the same defaults
 app.conf.broker_url = settings.redis_url or None
 app.conf.result_backend = settings.redis_url or None
 app.conf.task_default_queue = c.CONTROL_QUEUE
+
+
+def _every(task: str, seconds: float) -> dict[str, Any]:
+    # expires: a pass that waited in the queue past a few periods is skipped, not run late
+    return {"task": task, "schedule": seconds, "options": {"queue": c.CONTROL_QUEUE, "expires": max(seconds * 4, 2.0)}}
+
+
 app.conf.beat_schedule = {
-    "dm-heartbeat": {
-        "task": "dm.heartbeat",
-        "schedule": settings.heartbeat_interval,
-        "options": {"queue": c.CONTROL_QUEUE, "expires": max(settings.heartbeat_interval * 4, 2.0)},
-    },
+    "dm-detect": _every("dm.detect", settings.heartbeat_interval),
+    "dm-replace": _every("dm.replace", settings.heartbeat_interval),
+    "dm-scale": _every("dm.scale", max(settings.heartbeat_interval * 4, 2.0)),
+    "dm-allocations": _every("dm.allocations", 15.0),
 }

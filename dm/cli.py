@@ -228,7 +228,7 @@ def cmd_stop(a: argparse.Namespace) -> int:
 
     ctl = _control()
     for dep_id in a.ids:
-        _show_deployment(deployer.public(deployer.stop(ctl, dep_id)), a.json)
+        _show_deployment(deployer.public(deployer.stop(ctl.ports, dep_id)), a.json)
     return EXIT_OK
 
 

@@ -19,32 +19,7 @@ META = "meta"
 #: GridFS bucket of algorithm archives
 PACKAGES_BUCKET = "packages"
 
-#: Redis keys (``{}`` is the node id)
-KEY_PREFIX = "dm:"
-#: set of node ids the balancer considers
-NODES_KEY = "dm:nodes"
-#: hash: capacity, state and the last metrics sample of a node
-NODE_KEY = "dm:node:{}"
-#: liveness lease of a node (a key with a TTL)
-LEASE_KEY = "dm:lease:{}"
-#: hash: deployment id -> JSON {cpu, memory, ts}: declared demand placed on a node
-ALLOC_KEY = "dm:alloc:{}"
-#: lock held around decide + reserve, so concurrent deployers never overcommit
-PLACEMENT_LOCK = "dm:lock:placement"
-#: lock held by the heartbeat check, so two beats do one check at a time
-HEARTBEAT_LOCK = "dm:lock:heartbeat"
-#: lock held while the node manager starts or stops nodes
-NODE_MANAGER_LOCK = "dm:lock:nodes"
-#: lease held by the one bridge that publishes deployment events to Kafka
-EVENTS_LOCK = "dm:lock:bridge-events"
-#: lease held by the one control worker whose relay copies events (dm.relay)
-RELAY_LOCK = "dm:lock:relay"
-#: sorted set: deployment id -> time placed, of a node's recent allocations (reserved demand)
-RECENT_KEY = "dm:recent:{}"
-#: token replaced by every algorithm added: caches of "the latest version" check it
-ALGORITHMS_REV = "dm:algorithms:rev"
-#: pub/sub channel a node listens on for kill orders (fencing)
-NODE_CHANNEL = "dm:node:{}:control"
+#: Redis key names: dm.keys
 
 #: Kafka topics and group
 REQUESTS_TOPIC = "dm.requests"

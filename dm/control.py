@@ -8,8 +8,10 @@ from functools import cached_property
 
 import redis
 
-from dm import constants as c
+from dm import keys as k
 from dm.fleet import redis_client
+from dm.outages import is_outage
+from dm.ports import Ports
 from dm.registry import Doc, Registry
 from dm.settings import Settings
 
@@ -22,7 +24,7 @@ class Control:
     def registry(self) -> Registry:
         self.settings.require_servers()
         registry = Registry(self.settings.mongo_url, self.settings.database)
-        registry.algorithm_added = lambda: self.redis.set(c.ALGORITHMS_REV, uuid.uuid4().hex)
+        registry.algorithm_added = lambda: self.redis.set(k.ALGORITHMS_REV, uuid.uuid4().hex)
         return registry
 
     def algorithm(self, name: str, version: str | None = None) -> Doc:
@@ -33,10 +35,10 @@ class Control:
         if version:
             key: tuple[str, str | None] = (name, version)
         else:
-            token = self.redis.get(c.ALGORITHMS_REV)
+            token = self.redis.get(k.ALGORITHMS_REV)
             if token is None:
-                self.redis.set(c.ALGORITHMS_REV, uuid.uuid4().hex, nx=True)
-                token = self.redis.get(c.ALGORITHMS_REV)
+                self.redis.set(k.ALGORITHMS_REV, uuid.uuid4().hex, nx=True)
+                token = self.redis.get(k.ALGORITHMS_REV)
             key = (name, str(token))
         doc = self._algorithms.get(key)
         if doc is None:
@@ -54,7 +56,27 @@ class Control:
         """A context with changed settings that shares this one's connections."""
         other = Control(self.settings.with_(**changes))
         other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("registry", "redis")})
+        other.__dict__.pop("ports", None)
         return other
+
+    @cached_property
+    def ports(self) -> Ports:
+        """The domain's ports on the real servers (see :mod:`dm.ports`)."""
+        from dm.adapters.celery_dispatch import CeleryDispatcher
+        from dm.adapters.mongo import MongoDeployments
+        from dm.adapters.redis_fleet import RedisFleet
+        from dm.node_manager import NodeManager
+
+        return Ports(
+            settings=self.settings,
+            store=MongoDeployments(self.registry),
+            nodes=self.registry,
+            catalogue=self,
+            fleet=RedisFleet(self.redis),
+            dispatcher=CeleryDispatcher(self.redis, self.settings.redis_url),
+            provider=NodeManager(self),
+            is_outage=is_outage,
+        )
 
     @cached_property
     def redis(self) -> redis.Redis:

@@ -38,6 +38,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 
+from dm import keys
 from dm.control import Control
 from dm.errors import DMError
 from dm.models import FINAL_STATES, LOST, PENDING, RESTARTING, RUNNING, SCHEDULED, STATES
@@ -47,8 +48,8 @@ from dm.status import node_rows  # the rows `dm status` shows, with the lease ru
 
 log = logging.getLogger(__name__)
 
-#: Redis key: time (epoch seconds) of the last completed heartbeat check
-HEARTBEAT_LAST_KEY = "dm:heartbeat:last"
+#: Redis key: time (epoch seconds) of the last completed failure-detector pass
+HEARTBEAT_LAST_KEY = keys.HEARTBEAT_LAST
 #: default port of ``dm metrics`` (Flower keeps its own /metrics on its port)
 DEFAULT_PORT = 9464
 #: node states always present in ``dm_node_state`` (stopped nodes are left out, as in ``dm status``)

@@ -11,23 +11,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dm.errors import BadRequest
+from dm.lifecycle import ACTIVE, FINAL, DeploymentState
 
-#: deployment states, as in DESIGN.md
-PENDING = "pending"
-SCHEDULED = "scheduled"
-RUNNING = "running"
-RESTARTING = "restarting"
-LOST = "lost"
-STOPPING = "stopping"
-STOPPED = "stopped"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
+#: deployment states, as in DESIGN.md (the enum of dm.lifecycle, whose values are stored)
+PENDING = DeploymentState.PENDING
+SCHEDULED = DeploymentState.SCHEDULED
+RUNNING = DeploymentState.RUNNING
+RESTARTING = DeploymentState.RESTARTING
+LOST = DeploymentState.LOST
+STOPPING = DeploymentState.STOPPING
+STOPPED = DeploymentState.STOPPED
+SUCCEEDED = DeploymentState.SUCCEEDED
+FAILED = DeploymentState.FAILED
 
-STATES = (PENDING, SCHEDULED, RUNNING, RESTARTING, LOST, STOPPING, STOPPED, SUCCEEDED, FAILED)
+STATES = tuple(DeploymentState)
 #: states in which a deployment holds (or is about to hold) a node
-ACTIVE_STATES = (SCHEDULED, RUNNING, RESTARTING)
+ACTIVE_STATES = ACTIVE
 #: states from which nothing moves on
-FINAL_STATES = (STOPPED, SUCCEEDED, FAILED)
+FINAL_STATES = FINAL
 
 RESTART_POLICIES = ("never", "on-failure", "always")
 

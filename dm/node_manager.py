@@ -12,24 +12,25 @@ import logging
 from typing import TYPE_CHECKING
 
 from dm import fleet, providers
+from dm import keys as k
 from dm.balancer import NodeView
+from dm.lifecycle import LIVE_NODE, NodeState, set_node_state
 from dm.providers import Provider
-from dm.registry import Doc
 
 if TYPE_CHECKING:
     from dm.control import Control
 
 log = logging.getLogger(__name__)
 
-#: node states
-STARTING = "starting"
-UP = "up"
-STOPPING = "stopping"
-DEAD = "dead"
-STOPPED = "stopped"
-LIVE_STATES = (STARTING, UP)
+#: node states (the enum of dm.lifecycle)
+STARTING = NodeState.STARTING
+UP = NodeState.UP
+STOPPING = NodeState.STOPPING
+DEAD = NodeState.DEAD
+STOPPED = NodeState.STOPPED
+LIVE_STATES = LIVE_NODE
 
-NODE_SEQ_KEY = "dm:node_seq"
+NODE_SEQ_KEY = k.NODE_SEQ
 
 
 def provider(name: str) -> Provider:
@@ -41,7 +42,8 @@ def add_node(ctl: Control, nodes: list[NodeView] | None = None) -> str | None:
     """Start one node and register it as ``starting``; None when ``max_nodes`` are live,
     or when the provider starts no nodes (``static``).
 
-    Called with the placement lock held, so two deployers cannot both add the last node.
+    Called under the node manager's lock (:func:`dm.deployer.grow`), so two deployers
+    cannot both add the last node; never under the placement lock.
     """
     s = ctl.settings
     prov = provider(s.provider)
@@ -75,10 +77,25 @@ def stop_node(ctl: Control, node_id: str) -> bool:
     prov = provider(node.get("provider") or ctl.settings.provider)
     if not prov.can_stop(ctl, node):
         return False
-    ctl.registry.set_node_state(node_id, STOPPING, expect=LIVE_STATES)
-    fleet.set_state(ctl.redis, node_id, STOPPING)
+    set_node_state(ctl.ports, node_id, STOPPING, expect=LIVE_STATES)
     return prov.stop(ctl, node)
 
 
-def active_nodes(ctl: Control) -> list[Doc]:
-    return ctl.registry.list_nodes(LIVE_STATES)
+class NodeManager:
+    """The provider port of :mod:`dm.ports` over this module and the configured provider."""
+
+    def __init__(self, ctl: Control) -> None:
+        self.ctl = ctl
+
+    @property
+    def starts_nodes(self) -> bool:
+        return provider(self.ctl.settings.provider).starts_nodes
+
+    def add_node(self, nodes: list[NodeView]) -> str | None:
+        return add_node(self.ctl, nodes)
+
+    def stop_node(self, node_id: str) -> bool:
+        return stop_node(self.ctl, node_id)
+
+    def exited(self) -> list[str]:
+        return provider(self.ctl.settings.provider).exited()

@@ -1,10 +1,10 @@
 """The registry on MongoDB: algorithms (archives in GridFS), nodes, deployments, events.
 
-Every deployment transition is one write: a compare-and-set on (id, rev) that also
-pushes the transition's event onto the deployment's own ``history`` (a transactional
-outbox: the state and its event land together or not at all). The relay
-(:mod:`dm.relay`) copies history entries into the ``events`` collection, which every
-reader of events uses; the deployment's ``rev`` orders its events.
+Reads of deployments and events for users, and the records made once (algorithms, a
+new deployment, nodes). A deployment's moves are written by :func:`dm.lifecycle.transition`
+through :class:`dm.adapters.mongo.MongoDeployments`, each one write that also pushes its
+event onto the deployment's own ``history``; the relay (:mod:`dm.relay`) copies history
+entries into the ``events`` collection, and the deployment's ``rev`` orders its events.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from dm import constants as c
 from dm.errors import BadPackage, RegistryUnavailable, UnknownAlgorithm, UnknownDeployment
-from dm.models import ACTIVE_STATES, PENDING, SCHEDULED, AlgorithmSpec, DeployRequest
+from dm.lifecycle import new_deployment
+from dm.models import ACTIVE_STATES, AlgorithmSpec, DeployRequest
 
 Doc = dict[str, Any]
 
@@ -40,30 +41,8 @@ def mongo_client(url: str) -> pymongo.MongoClient[Doc]:
     return client
 
 
-#: tries of a compare-and-set that lost a race before it reads again and gives up
-CAS_ATTEMPTS = 5
-#: events a deployment keeps in its own ``history``, at least (the relay has long copied older ones)
-HISTORY_KEEP = 50
-
-
 def new_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-def event_of(doc: Doc) -> Doc:
-    """The event of a deployment's current state (as pushed onto its ``history``)."""
-    return {
-        "deployment_id": doc["_id"],
-        "request_id": doc["request_id"],
-        "algorithm": doc["algorithm"],
-        "state": doc["state"],
-        "node": doc.get("node"),
-        "generation": doc["generation"],
-        "rev": doc["rev"],
-        "time": doc["updated_at"],
-        "reason": doc.get("reason", ""),
-        "exit_code": doc.get("exit_code"),
-    }
 
 
 class EventCursor:
@@ -241,54 +220,6 @@ class Registry:
             raise UnknownDeployment(f"no deployment {dep_id!r}; `dm deployments` lists them")
         return doc
 
-    def transition(
-        self,
-        dep_id: str,
-        state: str,
-        *,
-        expect: Iterable[str],
-        generation: int | None = None,
-        reason: str = "",
-        new_generation: bool = False,
-        current: Doc | None = None,
-        **fields: Any,
-    ) -> Doc | None:
-        """Compare-and-set the state; returns the new document, or None when refused.
-
-        ``current`` is the document as the caller last read it, saving a read. The write is
-        an ``update_one`` on (id, rev): findAndModify scans the whole collection on the
-        MongoDB-compatible server, so its cost grew with every deployment ever made.
-        """
-        expected = list(expect)
-        doc = current
-        for _ in range(CAS_ATTEMPTS):
-            if doc is None:
-                doc = self.deployments.find_one({"_id": dep_id})
-            if doc is None or doc["state"] not in expected:
-                return None
-            if generation is not None and doc["generation"] != generation:
-                return None
-            sets = {"state": state, "reason": reason, "updated_at": time.time(), **fields}
-            step = 1 if new_generation else 0
-            new = {**doc, **sets, "rev": doc["rev"] + 1, "generation": doc["generation"] + step}
-            event = event_of(new)
-            result = self.deployments.update_one(
-                {"_id": dep_id, "rev": doc["rev"]},
-                {
-                    "$set": sets,
-                    "$inc": {"rev": 1, "generation": step},
-                    # trimmed every HISTORY_KEEP-th transition only: a $slice costs on each write
-                    "$push": {"history": {"$each": [event], "$slice": -HISTORY_KEEP}}
-                    if new["rev"] % HISTORY_KEEP == 0
-                    else {"history": event},
-                },
-            )
-            if result.modified_count == 1:
-                new.pop("history", None)  # the caller needs the state; the events are the relay's
-                return new
-            doc = None  # changed since it was read: read again and decide again
-        return None
-
     def list_deployments(
         self, states: Iterable[str] | None = None, node: str | None = None, limit: int = 0
     ) -> list[Doc]:
@@ -366,38 +297,8 @@ class Registry:
     def new_deployment(
         self, request: DeployRequest, algorithm: Doc, node: str | None = None, reason: str = "", since: float = 0.0
     ) -> Doc:
-        """A new deployment as it is first recorded: ``pending`` (generation 0, rev 0), or with
-        ``node`` already ``scheduled`` there (generation 1, rev 1); its events in ``history``.
-        ``since``: when the request arrived (the ``pending`` event's time; default now)."""
-        spec, now, dep_id = algorithm["spec"], time.time(), new_id()
-        doc: Doc = {
-            "_id": dep_id,
-            "request_id": request.request_id or dep_id,
-            "algorithm": algorithm["name"],
-            "version": algorithm["version"],
-            "sha256": algorithm["sha256"],
-            "args": request.args,
-            "command": spec["command"],
-            "env": spec.get("env") or {},
-            "demand": spec["demand"],
-            "restart": spec["restart"],
-            "state": PENDING,
-            "node": None,
-            "generation": 0,
-            "rev": 0,
-            "pid": None,
-            "restarts": 0,
-            "exit_code": None,
-            "reason": reason if node is None and reason else "requested",
-            "created_at": since or now,
-            "updated_at": since or now,
-        }
-        history = [event_of(doc)]
-        if node is not None:
-            doc.update(state=SCHEDULED, node=node, generation=1, rev=1, reason=reason, scheduled_at=now, updated_at=now)
-            history.append(event_of(doc))
-        doc["history"] = history
-        return doc
+        """See :func:`dm.lifecycle.new_deployment`."""
+        return new_deployment(request, algorithm, node=node, reason=reason, since=since)
 
     def events_mark(self) -> int:
         """The relay's mark: every event numbered up to it is stored (see :mod:`dm.relay`)."""

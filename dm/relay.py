@@ -30,6 +30,7 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 from redis.exceptions import RedisError
 
 from dm import constants as c
+from dm import keys as k
 from dm.control import Control
 from dm.lease import Lease
 from dm.registry import Doc
@@ -74,7 +75,7 @@ class Relay(threading.Thread):
         super().__init__(name="dm-relay", daemon=True)
         self.ctl = ctl
         self.stop = stop or threading.Event()
-        self.lease = Lease(ctl.redis, c.RELAY_LOCK, lease_ttl)
+        self.lease = Lease(ctl.redis, k.RELAY_LOCK, lease_ttl)
         self.meta = ctl.registry.db[c.META]
         self.copied: dict[str, int] = {}  # deployment id -> highest rev stored
         self.stored = 0  # events stored by this relay (for tests and logs)

@@ -9,7 +9,7 @@ from pymongo.errors import PyMongoError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dm import constants as c
-from dm import deployer, heartbeat, relay
+from dm import deployer, reconcilers, relay
 from dm.app import app
 from dm.control import get_control
 from dm.errors import RegistryUnavailable
@@ -39,29 +39,47 @@ def deploy(
 
     ``deployment_id`` is for callers that recorded the deployment already (the Kafka bridge).
     """
-    ctl = get_control()
+    ports = get_control().ports
     if deployment_id is not None:
-        return deployer.public(deployer.place(ctl, deployment_id))
+        return deployer.public(deployer.place_or_grow(ports, ports.store.get(deployment_id)))
     # the task id stands in for a missing request id, so a redelivered message makes no second deployment
     request = DeployRequest.from_dict(
         {"algorithm": algorithm, "args": args or {}, "request_id": request_id or self.request.id, "version": version}
     )
-    return deployer.public(deployer.deploy(ctl, request))
+    return deployer.public(deployer.deploy(ports, request))
 
 
 @app.task(name="dm.place", autoretry_for=TRANSIENT, retry_backoff=True, max_retries=10)
 def place(deployment_id: str) -> dict[str, Any]:
-    return deployer.public(deployer.place(get_control(), deployment_id))
+    ports = get_control().ports
+    return deployer.public(deployer.place_or_grow(ports, ports.store.get(deployment_id)))
 
 
 @app.task(name="dm.stop", autoretry_for=TRANSIENT, retry_backoff=True, max_retries=10)
 def stop(deployment_id: str, reason: str = "stopped by request") -> dict[str, Any]:
-    return deployer.public(deployer.stop(get_control(), deployment_id, reason))
+    return deployer.public(deployer.stop(get_control().ports, deployment_id, reason))
 
 
-@app.task(name="dm.heartbeat", acks_late=False, ignore_result=True)
-def heartbeat_check() -> dict[str, Any]:
-    return heartbeat.check(get_control())
+# The reconcilers (dm.reconcilers), each its own task on beat's schedule: a slow one (a pass
+# that places many deployments) never delays the failure detector.
+@app.task(name="dm.detect", acks_late=False, ignore_result=True)
+def detect() -> dict[str, Any]:
+    return reconcilers.detect.run(get_control().ports)
+
+
+@app.task(name="dm.replace", acks_late=False, ignore_result=True)
+def replace() -> dict[str, Any]:
+    return reconcilers.replace.run(get_control().ports)
+
+
+@app.task(name="dm.scale", acks_late=False, ignore_result=True)
+def scale() -> dict[str, Any]:
+    return reconcilers.scale.run(get_control().ports)
+
+
+@app.task(name="dm.allocations", acks_late=False, ignore_result=True)
+def allocations() -> dict[str, Any]:
+    return reconcilers.allocations.run(get_control().ports)
 
 
 @signals.worker_ready.connect

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from dm import balancer, fleet
-from dm import constants as c
+from dm import keys as k
 from dm.models import Demand, MetricsSample
 
 
@@ -32,11 +32,11 @@ def random_fleet(r: redis.Redis, rng: random.Random) -> None:
         if rng.random() < 0.8:
             sample = MetricsSample(node, cpu=rng.choice([0.0, rng.uniform(0, 100)]), ram=rng.uniform(0, 100))
             fleet.publish(r, sample, lease_ttl=60, token="t")
-        for k in range(rng.randint(0, 6)):
+        for j in range(rng.randint(0, 6)):
             demand = Demand(rng.choice([0.05, 0.1, 0.25, 0.5]), rng.choice([16, 64, 128]))
-            fleet.allocate(r, node, f"d{i}-{k}", demand)
+            fleet.allocate(r, node, f"d{i}-{j}", demand)
         if rng.random() < 0.5:  # a later sample: some reservations have settled
-            r.hset(c.NODE_KEY.format(node), "ts", str(float(r.hget(c.NODE_KEY.format(node), "ts") or 0) + 5))
+            r.hset(k.NODE.format(node), "ts", str(float(r.hget(k.NODE.format(node), "ts") or 0) + 5))
 
 
 @pytest.mark.parametrize("policy", ["min", "max"])

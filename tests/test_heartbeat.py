@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dm import fleet
-from dm.models import ACTIVE_STATES
 from tests.ledger import instances, overlaps
 from tests.system import EXAMPLES, System, alive, wait_for
+from workers.outbox import Outbox
 
 
 def variant(tmp_path: Path, base: str, name: str, **fields: str) -> Path:
@@ -121,9 +121,15 @@ def test_a_report_for_an_old_generation_is_refused_and_its_process_killed(make_s
     # When the registry moves the deployment to a new generation behind the node's back
     system.ctl.registry.deployments.update_one({"_id": dep["id"]}, {"$inc": {"generation": 1}})
 
-    # Then a report for the old generation is refused
-    forged = system.ctl.registry.transition(dep["id"], "running", expect=ACTIVE_STATES, generation=old, pid=12345)
-    assert forged is None
+    # Then a report for the old generation, sent through a node's outbox, is refused
+    answers: list[object] = []
+    Outbox(system.ctl, running["node"]).send(
+        dep["id"], "restarting", expect=["running"], generation=old, reason="exit code 1, restart 1/5",
+        then=answers.append, pid=None,
+    )  # fmt: skip
+    assert answers == [None]
+    after = system.ctl.registry.get_deployment(dep["id"])
+    assert (after["state"], after["generation"], after["pid"]) == ("running", old + 1, running["pid"])
     # and the node kills the process it still runs for the old generation
     wait_for(lambda: not alive(running["pid"]), 10, what="the stale process to be killed")
 

@@ -3,6 +3,7 @@ in order, across restarts of the relay, and from the documents when it has no po
 
 from __future__ import annotations
 
+from dm.lifecycle import Actor, transition
 from dm.models import DeployRequest
 from dm.relay import Relay
 from tests.system import System, wait_for
@@ -18,10 +19,12 @@ def record(system: System, count: int) -> list[str]:
 
 def walk(system: System, dep_id: str) -> None:
     """pending -> scheduled -> running -> succeeded, each a compare-and-set with its event."""
-    registry = system.ctl.registry
-    assert registry.transition(dep_id, "scheduled", expect=["pending"], new_generation=True, node="1", reason="placed")
-    assert registry.transition(dep_id, "running", expect=["scheduled"], generation=1, pid=1, reason="started")
-    assert registry.transition(dep_id, "succeeded", expect=["running"], generation=1, exit_code=0, reason="exit 0")
+    ports = system.ctl.ports
+    assert transition(ports, dep_id, "scheduled", actor=Actor.CONTROL, expect=["pending"], node="1", reason="placed")
+    assert transition(ports, dep_id, "running", actor=Actor.NODE, expect=["scheduled"], generation=1, pid=1,
+                      reason="started")  # fmt: skip
+    assert transition(ports, dep_id, "succeeded", actor=Actor.NODE, expect=["running"], generation=1, exit_code=0,
+                      reason="exit 0")  # fmt: skip
 
 
 def events(system: System) -> list[tuple[str, int, str]]:

@@ -30,7 +30,8 @@ from dm import constants as c
 from dm import fleet, node_manager
 from dm.app import app
 from dm.control import Control
-from dm.models import ACTIVE_STATES, LOST
+from dm.lifecycle import Actor, set_node_state, transition
+from dm.models import ACTIVE_STATES, LOST, STOPPED, STOPPING
 from dm.settings import Settings
 from workers import tasks, watchdog
 from workers.metrics import HostSampler, Presence, Publisher, TreeSampler, host_capacity, lease_client
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         # declared dead while it could not renew (frozen, cut off): whatever it ran has moved on.
         # Redis last: until both stores say up, the next renewal sees "dead" and tries again
         supervisor.fence_all("this node was declared dead")
-        ctl.registry.set_node_state(node_id, node_manager.UP)
-        fleet.set_state(r, node_id, node_manager.UP)
+        set_node_state(ctl.ports, node_id, node_manager.UP)
         log.warning("node-%s was declared dead; it killed its algorithms and rejoins empty", node_id)
 
     publisher = Publisher(
@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     Presence(settings.redis_url, node_id).start()
 
     def ready(**_: Any) -> None:
-        fleet.set_state(r, node_id, node_manager.UP)
-        ctl.registry.set_node_state(node_id, node_manager.UP)
+        set_node_state(ctl.ports, node_id, node_manager.UP)
         log.warning("node-%s up: queue %s%s, %g cpu, %g MiB", node_id, c.NODE_QUEUE_PREFIX, node_id, cpus, memory)
 
     signals.worker_ready.connect(ready, weak=False)
@@ -150,20 +149,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def handover(ctl: Control, node_id: str, supervisor: Supervisor) -> None:
     """A clean stop: kill the algorithms, mark their deployments ``lost`` and ask for a new placement."""
-    fleet.set_state(ctl.redis, node_id, node_manager.STOPPING)
+    set_node_state(ctl.ports, node_id, node_manager.STOPPING)
     supervisor.shutdown()
-    for doc in ctl.registry.active_on(node_id):
-        lost = ctl.registry.transition(
-            doc["_id"],
-            LOST,
-            expect=ACTIVE_STATES,
-            generation=doc["generation"],
-            reason=f"node-{node_id} stopped",
-        )
+    ports = ctl.ports
+    for doc in ports.store.active_on(node_id):
+        if doc["state"] not in ACTIVE_STATES:  # stopping: killed with the others just now
+            transition(ports, doc["_id"], STOPPED, actor=Actor.NODE, expect=[STOPPING], current=doc,
+                       reason=f"stopped (node-{node_id} stopped)")  # fmt: skip
+            continue
+        lost = transition(
+            ports, doc["_id"], LOST, actor=Actor.NODE, expect=ACTIVE_STATES, generation=doc["generation"],
+            reason=f"node-{node_id} stopped", current=doc,
+        )  # fmt: skip
         if lost is not None:
-            fleet.release(ctl.redis, node_id, doc["_id"])
-            app.send_task("dm.place", args=[doc["_id"]], queue=c.CONTROL_QUEUE)
-    ctl.registry.set_node_state(node_id, node_manager.STOPPED)
+            ports.dispatcher.place_later(doc["_id"])
+    set_node_state(ctl.ports, node_id, node_manager.STOPPED)
     fleet.remove_node(ctl.redis, node_id)
     log.warning("node-%s stopped", node_id)
 

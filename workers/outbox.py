@@ -22,9 +22,8 @@ from pymongo.errors import ConnectionFailure
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from dm import fleet
 from dm.control import Control
-from dm.models import ACTIVE_STATES
+from dm.lifecycle import Actor, transition
 from dm.registry import Doc
 
 log = logging.getLogger(__name__)
@@ -53,13 +52,11 @@ class Outbox:
         self.ctl = ctl
         self.node_id = node_id
         self.reports: deque[Report] = deque()
-        #: deployments whose allocation on this node is still to be freed in Redis
-        self.unreleased: list[str] = []
         self.retry_at = 0.0
         self.delay = RETRY_FIRST
 
     def __len__(self) -> int:
-        return len(self.reports) + len(self.unreleased)
+        return len(self.reports)
 
     def send(
         self,
@@ -87,9 +84,6 @@ class Outbox:
                 self.reports.popleft()
                 if report.then is not None:
                     report.then(doc)
-            while self.unreleased:
-                fleet.release(self.ctl.redis, self.node_id, self.unreleased[0])
-                self.unreleased.pop(0)
         except UNREACHABLE as exc:
             if self.reports:
                 self.reports[0].attempts += 1
@@ -102,20 +96,20 @@ class Outbox:
         self.delay = RETRY_FIRST
 
     def _transition(self, report: Report) -> Doc | None:
-        registry = self.ctl.registry
+        ports = self.ctl.ports
         if report.attempts:  # the document it was sent with may be stale by now
             report.fields.pop("current", None)
-        doc = registry.transition(
-            report.dep_id, report.state, expect=report.expect, generation=report.generation,
-            reason=report.reason, **report.fields,
+        # the move's effects (freeing the allocation) come with it; one an outage cuts short
+        # is finished by the allocations reconciler
+        doc = transition(
+            ports, report.dep_id, report.state, actor=Actor.NODE, expect=report.expect,
+            generation=report.generation, reason=report.reason, **report.fields,
         )  # fmt: skip
         if doc is None and report.attempts:
             # an earlier attempt may have been applied though its answer never came back
-            now = registry.deployments.find_one({"_id": report.dep_id})
+            now = ports.store.find(report.dep_id)
             if now and (now["state"], now["generation"], now.get("node")) == (
                 report.state, report.generation, self.node_id,
             ):  # fmt: skip
                 doc = now
-        if doc is not None and report.state not in ACTIVE_STATES:
-            self.unreleased.append(report.dep_id)
         return doc

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dm import deployer
 from dm.app import app
 from dm.errors import BadPackage, ConfigError
-from dm.models import FAILED, SCHEDULED
+from dm.lifecycle import Actor, D, transition
 
 #: set by the agent at start; tasks only run inside a node agent
 supervisor: Any = None
@@ -25,11 +24,12 @@ def run(payload: dict[str, Any]) -> str:
     try:
         package = sup.ensure_package(payload["sha256"])  # fetched in this task thread, not the supervisor's
     except BadPackage as exc:
-        deployer.transition(
-            sup.ctl,
+        transition(
+            sup.ctl.ports,
             payload["id"],
-            FAILED,
-            expect=[SCHEDULED],
+            D.FAILED,
+            actor=Actor.NODE,
+            expect=[D.SCHEDULED],
             generation=payload["generation"],
             reason=f"cannot unpack the package on node-{sup.node_id}: {exc}",
         )

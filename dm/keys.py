@@ -1,0 +1,84 @@
+"""Every Redis key dm uses, in one place (Celery's own queues and results aside).
+
+Redis holds the fleet's hot state; each entry says which facts are kept there and
+whether they can be rebuilt from the registry (MongoDB is the truth for deployments
+and nodes; Redis keeps the node's live figures and caches of the registry's facts).
+``{}`` in a name is a node id.
+"""
+
+from __future__ import annotations
+
+#: every dm key starts with this
+PREFIX = "dm:"
+
+# -- nodes ---------------------------------------------------------------------------
+#: set: node ids placement considers (cache of the registry's live nodes)
+NODES = "dm:nodes"
+#: hash: a node's capacity, state (a cache of ``nodes.state``), host, address, its last
+#: metrics sample (cpu, ram, ts) and the running totals of its allocations
+NODE = "dm:node:{}"
+#: string with a TTL: a node's liveness lease, renewed with each sample
+LEASE = "dm:lease:{}"
+#: list that is never filled: a node's presence connection blocks on it under the client
+#: name ``dm-node-<id>``; the connection closing is the fast liveness signal
+PRESENCE = "dm:presence:{}"
+#: pub/sub channel a node listens on for kill orders (fencing)
+NODE_CHANNEL = "dm:node:{}:control"
+#: counter: the last node id handed out
+NODE_SEQ = "dm:node_seq"
+
+# -- allocations (a cache of the registry's active deployments, rebuilt by the reconciler)
+#: hash: deployment id -> JSON {cpu, memory, ts}: declared demand placed on a node
+ALLOC = "dm:alloc:{}"
+#: sorted set: deployment id -> time placed, of a node's recent allocations (reserved demand)
+RECENT = "dm:recent:{}"
+
+# -- the failure detector's memory --------------------------------------------------
+#: hash: node id -> time it was first seen idle (scale-in)
+IDLE_SINCE = "dm:idle_since"
+#: hash: node id -> time its presence connection was first seen missing
+ABSENT_SINCE = "dm:absent_since"
+#: hash: node id -> run_id of the Redis server its presence connection was last seen in
+PRESENT_IN = "dm:present_in"
+#: hash: what the detector saw of Redis itself: ``run_id``, ``seen`` (time of the last pass),
+#: ``blind_until`` (no verdicts on leases before this time: Redis was away or restarted)
+DETECTOR = "dm:detector"
+#: string: time of the last completed failure-detector pass (the check-lag metric)
+HEARTBEAT_LAST = "dm:heartbeat:last"
+
+# -- locks and leases of control-plane roles ----------------------------------------
+#: held around decide + reserve, so concurrent deployers never overcommit a node
+PLACEMENT_LOCK = "dm:lock:placement"
+#: held while the node manager starts or stops nodes
+NODE_MANAGER_LOCK = "dm:lock:nodes"
+#: the one bridge publishing deployment events to Kafka
+EVENTS_LOCK = "dm:lock:bridge-events"
+#: the one control worker whose relay copies events (dm.relay)
+RELAY_LOCK = "dm:lock:relay"
+#: held by one reconciler pass of a kind at a time (``{}`` is its name); short, never
+#: held while a node starts
+RECONCILE_LOCK = "dm:lock:reconcile:{}"
+
+# -- caches ---------------------------------------------------------------------------
+#: token replaced by every algorithm added: caches of "the latest version" check it
+ALGORITHMS_REV = "dm:algorithms:rev"
+
+
+def node(node_id: str) -> str:
+    return NODE.format(node_id)
+
+
+def lease(node_id: str) -> str:
+    return LEASE.format(node_id)
+
+
+def alloc(node_id: str) -> str:
+    return ALLOC.format(node_id)
+
+
+def recent(node_id: str) -> str:
+    return RECENT.format(node_id)
+
+
+def presence(node_id: str) -> str:
+    return PRESENCE.format(node_id)

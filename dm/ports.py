@@ -1,0 +1,190 @@
+"""The ports of the domain: what the deployer, the reconcilers and the node's supervisor
+need of the servers, as small interfaces.
+
+- :class:`DeploymentStore`: deployments (MongoDB: :mod:`dm.adapters.mongo`);
+- :class:`NodeBook`: the nodes' durable record (MongoDB);
+- :class:`Catalogue`: algorithm documents (MongoDB + GridFS, cached);
+- :class:`Fleet`: capacity, usage, leases, presence, allocations, locks (Redis:
+  :mod:`dm.adapters.redis_fleet`);
+- :class:`Dispatcher`: run and kill orders to nodes, placements to the control queue
+  (Celery: :mod:`dm.adapters.celery_dispatch`).
+
+:mod:`dm.adapters.memory` implements every one in memory, for the unit tests (as
+dramatiq's ``StubBroker`` stands in for a broker). A :class:`Ports` bundles them with the
+settings and the node manager's hooks, so a domain function takes one argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dm.balancer import NodeView
+from dm.models import Demand
+from dm.settings import Settings
+
+Doc = dict[str, Any]
+
+
+class DeploymentStore(Protocol):
+    def get(self, dep_id: str) -> Doc:
+        """By id or request id; :class:`dm.errors.UnknownDeployment` if none."""
+        ...
+
+    def find(self, dep_id: str) -> Doc | None: ...
+
+    def by_request(self, request_id: str) -> Doc | None: ...
+
+    def create(self, doc: Doc) -> tuple[Doc, bool]:
+        """Insert a new deployment; (the first one, False) when its request id is known."""
+        ...
+
+    def compare_and_set(
+        self,
+        dep_id: str,
+        state: str,
+        *,
+        expect: list[str],
+        generation: int | None,
+        reason: str,
+        new_generation: bool,
+        current: Doc | None,
+        seen: Callable[[Doc], None],
+        fields: dict[str, Any],
+    ) -> Doc | None:
+        """The one write of a move (with its event); only :func:`dm.lifecycle.transition` calls it.
+        ``seen`` is given the document the write was made from."""
+        ...
+
+    def active_on(self, node_id: str) -> list[Doc]:
+        """Deployments of a node in an active state or ``stopping``."""
+        ...
+
+    def waiting(self, limit: int) -> list[Doc]:
+        """``pending`` and ``lost`` deployments, oldest first."""
+        ...
+
+    def unstarted(self, before: float, limit: int) -> list[Doc]:
+        """``scheduled`` deployments placed before ``before``."""
+        ...
+
+    def nodes_holding(self, node_ids: list[str]) -> list[str]:
+        """Which of these nodes still hold active or stopping deployments."""
+        ...
+
+    def any_waiting(self) -> bool: ...
+
+    def active_by_node(self) -> dict[str, dict[str, Demand]]:
+        """node -> deployment id -> demand, of every active deployment (to rebuild allocations)."""
+        ...
+
+
+class NodeBook(Protocol):
+    def get_node(self, node_id: str) -> Doc | None: ...
+
+    def upsert_node(self, node_id: str, **fields: Any) -> None: ...
+
+    def set_node_state(self, node_id: str, state: str, expect: Iterable[str] | None = None) -> bool: ...
+
+    def list_nodes(self, states: Iterable[str] | None = None) -> list[Doc]: ...
+
+
+class Catalogue(Protocol):
+    def algorithm(self, name: str, version: str | None = None) -> Doc: ...
+
+
+class Lock(Protocol):
+    def release(self, pipe: Any = None) -> None: ...
+
+
+class Fleet(Protocol):
+    def place_lock(
+        self, demand: Demand, threshold: float, policy: str, settle: float
+    ) -> tuple[Lock, str | None, float | None]:
+        """Take the placement lock and, for the policies the fleet decides itself, choose:
+        (lock, node id or None, its score). Raises after waiting too long for the lock."""
+        ...
+
+    def snapshot(self, settle: float) -> list[NodeView]: ...
+
+    def node_hashes(self) -> dict[str, dict[str, str]]: ...
+
+    def leases(self, node_ids: Iterable[str]) -> dict[str, bool]: ...
+
+    def present(self) -> set[str] | None:
+        """Node ids with a presence connection open; None when that cannot be seen."""
+        ...
+
+    def server_id(self) -> str:
+        """The identity of the server's current run (Redis ``run_id``)."""
+        ...
+
+    def set_state(self, node_id: str, state: str) -> None: ...
+
+    def release(self, node_id: str, dep_id: str) -> None: ...
+
+    def clear_allocations(self, node_id: str) -> None: ...
+
+    def allocations(self, node_id: str) -> dict[str, dict[str, Any]]: ...
+
+    def allocate(self, node_id: str, dep_id: str, demand: Demand) -> None: ...
+
+    def register(self, node_id: str, *, cpus: float, memory: float, state: str, host: str = "") -> None: ...
+
+    def next_node_id(self) -> str: ...
+
+    def try_lock(self, name: str, seconds: float) -> str | None:
+        """A short lock of a reconciler kind; its token, or None when another holds it."""
+        ...
+
+    def unlock(self, name: str, token: str) -> None: ...
+
+    def marks(self, name: str) -> dict[str, str]:
+        """A small hash of the reconcilers' memory (absent since, idle since, ...)."""
+        ...
+
+    def set_marks(self, name: str, values: dict[str, str], drop: Iterable[str] = ()) -> None: ...
+
+    def get(self, key: str) -> str | None: ...
+
+    def put(self, key: str, value: str) -> None: ...
+
+
+class Dispatcher(Protocol):
+    def run(self, doc: Doc, demand: Demand | None, lock: Lock | None) -> None:
+        """Record the allocation, release ``lock`` and send the run order (one round trip
+        where the adapters allow)."""
+        ...
+
+    def kill(self, doc: Doc, reason: str) -> None: ...
+
+    def place_later(self, dep_id: str) -> None:
+        """Ask a control worker to place a deployment (after a node handed it back)."""
+        ...
+
+
+class Provider(Protocol):
+    """What the reconcilers need of the node manager."""
+
+    @property
+    def starts_nodes(self) -> bool: ...
+
+    def add_node(self, nodes: list[NodeView]) -> str | None: ...
+
+    def stop_node(self, node_id: str) -> bool: ...
+
+    def exited(self) -> list[str]: ...
+
+
+@dataclass
+class Ports:
+    settings: Settings
+    store: DeploymentStore
+    nodes: NodeBook
+    catalogue: Catalogue
+    fleet: Fleet
+    dispatcher: Dispatcher
+    provider: Provider
+    #: True for an error that means a server is out of reach for now (retry, never give up)
+    is_outage: Callable[[BaseException], bool] = field(default=lambda exc: False)

@@ -1,0 +1,172 @@
+"""The failure detector: which nodes are dead, and the fail-over of their deployments.
+
+The signals, fastest first: the local provider saw the agent's process exit; the node's
+presence connection (client name ``dm-node-<id>``) left Redis in two passes in a row; its
+lease expired. A process that dies closes its sockets and takes its children with it, so
+the first two need no lease. The lease is the rule for silent failures (a frozen or cut-off
+host), whose agent kills its own algorithms before the lease can expire.
+
+No verdict from a blind control plane: after Redis was out of reach, stalled or restarted
+(a new ``run_id``), or no pass ran for a while, every node gets one lease period to renew
+before its lease is judged, and presence counts only once a node was seen present in the
+server's current run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dm import keys as k
+from dm.lifecycle import ACTIVE, LIVE_NODE, Actor, D, NodeState, set_node_state, transition
+from dm.ports import Ports
+from dm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: seconds a ``starting`` node may take to publish its first lease
+NODE_START_GRACE = 30.0
+#: a pass this long after the last one (in heartbeat intervals, at least a second) means
+#: the control plane was blind meanwhile
+BLIND_GAP_INTERVALS = 4
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one pass saw; the input of :func:`judge`."""
+
+    now: float
+    #: node id -> its fleet hash (state, cpus, memory, ts, since, ...)
+    nodes: dict[str, dict[str, str]]
+    leases: dict[str, bool]
+    #: node ids with a presence connection; None when that cannot be seen
+    present: set[str] | None
+    exited: set[str]
+    server_id: str
+    #: node id -> the server run it was last seen present in
+    present_in: dict[str, str]
+    #: node id -> when its presence connection was first seen missing
+    absent_since: dict[str, float]
+    #: what the detector remembers of the store: server, seen, blind_until
+    detector: dict[str, str]
+
+
+@dataclass
+class Verdict:
+    dead: dict[str, str] = field(default_factory=dict)
+    present_in: dict[str, str] = field(default_factory=dict)
+    absent_since: dict[str, float] = field(default_factory=dict)
+    absent_drop: list[str] = field(default_factory=list)
+    blind_until: float = 0.0
+    #: why the control plane was blind (logged once when it starts)
+    blind_reason: str = ""
+
+
+def judge(obs: Observation, s: Settings) -> Verdict:
+    """The pure decision of a pass."""
+    v = Verdict()
+    now = obs.now
+    blind_until = float(obs.detector.get("blind_until") or 0.0)
+    seen = float(obs.detector.get("seen") or 0.0)
+    server = obs.detector.get("server") or ""
+    gap = max(1.0, s.heartbeat_interval * BLIND_GAP_INTERVALS)
+    if server and server != obs.server_id:
+        v.blind_reason = "Redis restarted (a new run)"
+    elif seen and now - seen > gap:
+        v.blind_reason = f"no check for {now - seen:.1f}s (Redis or the control plane was away)"
+    if v.blind_reason:
+        blind_until = max(blind_until, now + s.lease_ttl)
+    v.blind_until = blind_until
+    live = {n: h for n, h in obs.nodes.items() if h.get("state") in (*LIVE_NODE, NodeState.STOPPING)}
+    up = [n for n, h in live.items() if h.get("state") == NodeState.UP]
+    gone: set[str] = set()
+    if obs.present is not None:
+        here = [n for n in up if n in obs.present]
+        v.present_in = {n: obs.server_id for n in here if obs.present_in.get(n) != obs.server_id}
+        missing = [n for n in up if n not in obs.present and obs.present_in.get(n) == obs.server_id]
+        v.absent_drop = [n for n in obs.absent_since if n not in missing]
+        v.absent_since = {n: now for n in missing if n not in obs.absent_since}
+        gone = {n for n in missing if n in obs.absent_since}  # missing in two passes in a row
+    for node_id, h in live.items():
+        if node_id in obs.exited:
+            v.dead[node_id] = f"node-{node_id} agent process exited"
+        elif node_id in gone:
+            v.dead[node_id] = f"node-{node_id} connection to Redis closed"
+        elif not obs.leases.get(node_id) and now >= blind_until:
+            if "ts" not in h and h.get("state") == NodeState.STARTING:
+                since = float(h.get("since") or now)
+                if now - since < NODE_START_GRACE:
+                    continue  # still starting: it has not published its first lease yet
+                v.dead[node_id] = f"node-{node_id} did not start within {NODE_START_GRACE:g}s"
+            else:
+                v.dead[node_id] = f"node-{node_id} lease expired"
+    return v
+
+
+def observe(ports: Ports, now: float) -> Observation:
+    f = ports.fleet
+    nodes = f.node_hashes()
+    live = [n for n, h in nodes.items() if h.get("state") in (*LIVE_NODE, NodeState.STOPPING)]
+    return Observation(
+        now=now,
+        nodes=nodes,
+        leases=f.leases(live),
+        present=f.present(),
+        exited=set(ports.provider.exited()),
+        server_id=f.server_id(),
+        present_in=f.marks(k.PRESENT_IN),
+        absent_since={n: float(t) for n, t in f.marks(k.ABSENT_SINCE).items()},
+        detector=f.marks(k.DETECTOR),
+    )
+
+
+def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
+    """One pass: observe, judge, remember, fail over. Returns what it did."""
+    now = time.time() if now is None else now
+    obs = observe(ports, now)
+    v = judge(obs, ports.settings)
+    f = ports.fleet
+    if v.blind_reason:
+        log.warning("no lease verdicts until %.1fs from now: %s", v.blind_until - now, v.blind_reason)
+    f.set_marks(k.PRESENT_IN, v.present_in)
+    f.set_marks(k.ABSENT_SINCE, {n: repr(t) for n, t in v.absent_since.items()}, drop=v.absent_drop)
+    detector = {"server": obs.server_id, "seen": repr(now)}
+    if v.blind_until != float(obs.detector.get("blind_until") or 0.0):
+        detector["blind_until"] = repr(v.blind_until)
+    f.set_marks(k.DETECTOR, detector)
+    moved = sum(fail_over(ports, node_id, reason) for node_id, reason in sorted(v.dead.items()))
+    f.put(k.HEARTBEAT_LAST, repr(time.time()))
+    return {"dead": sorted(v.dead), "failed_over": moved, "blind": v.blind_until > now}
+
+
+def fail_over(ports: Ports, node_id: str, reason: str) -> int:
+    """Mark a node dead and place its deployments again; returns how many moved. One checker
+    wins the node's compare-and-set; the others only bring the fleet's copy of its state along."""
+    if not set_node_state(ports, node_id, NodeState.DEAD, expect=(*LIVE_NODE, NodeState.STOPPING)):
+        ports.fleet.set_state(node_id, NodeState.DEAD)  # another checker won: bring the copy along
+        return 0
+    log.warning("%s: failing over its deployments", reason)
+    return move_deployments(ports, node_id, reason)
+
+
+def move_deployments(ports: Ports, node_id: str, reason: str) -> int:
+    """Each active deployment of a dead node ``lost`` and placed again (compare-and-sets all);
+    a ``stopping`` one is ``stopped``: its node killed it, or died with it."""
+    from dm import deployer
+
+    lost: list[dict[str, Any]] = []
+    for doc in ports.store.active_on(node_id):
+        if doc["state"] == D.STOPPING:
+            transition(ports, doc["_id"], D.STOPPED, actor=Actor.CONTROL, expect=[D.STOPPING],
+                       reason=f"stopped ({reason})", current=doc)  # fmt: skip
+            continue
+        moved = transition(ports, doc["_id"], D.LOST, actor=Actor.CONTROL, expect=ACTIVE,
+                           generation=doc["generation"], reason=reason, current=doc)  # fmt: skip
+        if moved is not None:
+            lost.append(moved)
+    ports.fleet.clear_allocations(node_id)
+    for doc in lost:
+        deployer.place_or_grow(ports, doc)
+    return len(lost)

@@ -1,0 +1,73 @@
+"""The placement reconciler: work that should run somewhere and does not, placed.
+
+- deployments still active on a ``dead`` node (a fail-over cut short by an outage) are
+  ``lost`` and placed again;
+- a deployment ``scheduled`` longer than ``start_timeout`` (its order was lost, its node
+  never started it) is ``lost`` and placed again;
+- ``pending`` and ``lost`` deployments are placed; when none fits, a node is added (up to
+  ``max_nodes``) and they are placed on it while it starts.
+
+Each deployment is placed on its own: one that cannot fit never holds up the others; a
+demand that did not fit in this pass is not tried again in it for deployments that ask
+as much or more (they cannot fit either), so a pass costs one failed decision per size.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dm import deployer
+from dm.lifecycle import Actor, D, NodeState, transition
+from dm.models import Demand
+from dm.ports import Ports
+from dm.reconcilers.detect import move_deployments
+
+#: deployments looked at per pass, of each kind
+BATCH = 500
+
+
+def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    return {
+        "finished_fail_overs": finish_fail_overs(ports),
+        "timed_out": retry_unstarted(ports, now),
+        "placed": place_waiting(ports),
+    }
+
+
+def finish_fail_overs(ports: Ports) -> int:
+    """Move what a fail-over cut short (by an outage of MongoDB or Redis) left on a dead node."""
+    dead = [n for n, h in ports.fleet.node_hashes().items() if h.get("state") == NodeState.DEAD]
+    return sum(
+        move_deployments(ports, node_id, f"node-{node_id} is dead") for node_id in ports.store.nodes_holding(dead)
+    )
+
+
+def retry_unstarted(ports: Ports, now: float) -> int:
+    """Place again what sat ``scheduled`` past the start timeout (its order never ran)."""
+    timeout = ports.settings.start_timeout
+    count = 0
+    for doc in ports.store.unstarted(now - timeout, BATCH):
+        reason = f"not started on node-{doc['node']} within {timeout:g}s"
+        lost = transition(ports, doc["_id"], D.LOST, actor=Actor.CONTROL, expect=[D.SCHEDULED],
+                          generation=doc["generation"], reason=reason, current=doc)  # fmt: skip
+        if lost is not None:
+            deployer.place_or_grow(ports, lost)
+            count += 1
+    return count
+
+
+def place_waiting(ports: Ports) -> int:
+    """Place ``pending`` and ``lost`` deployments, each on its own; returns how many were placed."""
+    placed = 0
+    misfits: list[Demand] = []  # demands that found no room in this pass, even after adding a node
+    for doc in ports.store.waiting(BATCH):
+        demand = Demand.from_dict(doc["demand"])
+        if any(demand.cpu >= m.cpu and demand.memory >= m.memory for m in misfits):
+            continue
+        if deployer.place_or_grow(ports, doc)["state"] == D.SCHEDULED:
+            placed += 1
+        else:
+            misfits.append(demand)
+    return placed

@@ -1,0 +1,221 @@
+"""The reconcilers against the memory ports: failure detection, fail-over, re-placement,
+scale-in and allocations."""
+
+from __future__ import annotations
+
+import time
+
+from dm import deployer
+from dm import keys as k
+from dm.adapters.memory import MemoryPorts
+from dm.models import Demand, DeployRequest
+from dm.reconcilers import allocations, detect, replace, scale
+
+
+def deploy(ports: MemoryPorts, name: str = "hello") -> dict:
+    return deployer.deploy(ports, DeployRequest(algorithm=name))
+
+
+def running_on(ports: MemoryPorts, node: str, count: int = 2) -> list[dict]:
+    """``count`` deployments placed on ``node`` (the other node full for the moment)."""
+    others = [n for n in ports.fleet.nodes if n != node]
+    for other in others:
+        ports.fleet.nodes[other].state = "dead"
+    docs = [deploy(ports) for _ in range(count)]
+    for other in others:
+        ports.fleet.nodes[other].state = "up"
+    assert {d["node"] for d in docs} == {node}
+    return docs
+
+
+def test_a_node_whose_lease_expired_is_dead_and_its_deployments_move_in_a_new_generation(ports: MemoryPorts) -> None:
+    docs = running_on(ports, "1")
+    detect.run(ports)  # a first pass: the detector has seen Redis
+    ports.fleet.nodes["1"].lease = False
+    ports.fleet.nodes["1"].present = False
+    done = detect.run(ports, time.time() + 0.5)
+    assert done["dead"] == ["1"] and done["failed_over"] == 2
+    assert ports.nodes.get_node("1")["state"] == "dead"
+    for doc in docs:
+        moved = ports.store.get(doc["_id"])
+        assert (moved["state"], moved["node"], moved["generation"]) == ("scheduled", "2", 2)
+        states = [e["state"] for e in ports.store.history(doc["_id"])]
+        assert states == ["pending", "scheduled", "lost", "scheduled"]
+    assert ports.fleet.allocations("1") == {}
+
+
+def test_a_second_detector_finds_nothing_left_to_do(ports: MemoryPorts) -> None:
+    docs = running_on(ports, "1")
+    detect.run(ports)
+    ports.fleet.nodes["1"].lease = False
+    detect.run(ports, time.time() + 0.5)
+    # another detector that observed the same: the node's compare-and-set is lost, nothing moves twice
+    assert detect.fail_over(ports, "1", "node-1 lease expired") == 0
+    assert all(ports.store.get(d["_id"])["generation"] == 2 for d in docs)
+    assert len(ports.dispatcher.runs()) == 4  # two first placements, two moves
+
+
+def test_a_presence_connection_missing_in_two_passes_in_a_row_is_a_dead_node(ports: MemoryPorts) -> None:
+    running_on(ports, "1", 1)
+    now = time.time()
+    detect.run(ports, now)  # seen present in this server run
+    ports.fleet.nodes["1"].present = False
+    assert detect.run(ports, now + 0.5)["dead"] == []  # once: could be a reconnect
+    assert detect.run(ports, now + 1.0)["dead"] == ["1"]
+
+
+def test_a_connection_back_before_the_second_pass_is_no_failure(ports: MemoryPorts) -> None:
+    now = time.time()
+    detect.run(ports, now)
+    ports.fleet.nodes["1"].present = False
+    detect.run(ports, now + 0.5)
+    ports.fleet.nodes["1"].present = True
+    assert detect.run(ports, now + 1.0)["dead"] == []
+    assert "1" not in ports.fleet.marks(k.ABSENT_SINCE)
+
+
+def test_presence_counts_only_once_seen_in_this_server_run(ports: MemoryPorts) -> None:
+    now = time.time()
+    detect.run(ports, now)
+    ports.fleet.server = "run-2"  # Redis restarted: every node is reconnecting
+    ports.fleet.nodes["1"].present = False
+    assert detect.run(ports, now + 0.5)["dead"] == []
+    assert detect.run(ports, now + 1.0)["dead"] == []
+
+
+def test_an_agent_process_that_exited_is_a_dead_node_at_once(ports: MemoryPorts) -> None:
+    ports.provider.gone.append("2")
+    assert detect.run(ports)["dead"] == ["2"]
+
+
+def test_no_lease_verdict_for_a_lease_period_after_redis_restarted(ports: MemoryPorts) -> None:
+    now = time.time()
+    detect.run(ports, now)
+    ports.fleet.server = "run-2"
+    ports.fleet.nodes["1"].lease = False
+    assert detect.run(ports, now + 0.5) == {"dead": [], "failed_over": 0, "blind": True}
+    assert detect.run(ports, now + 2.0)["dead"] == []
+    assert detect.run(ports, now + 0.5 + ports.settings.lease_ttl + 0.1)["dead"] == ["1"]
+
+
+def test_no_lease_verdict_for_a_lease_period_after_a_gap_in_the_checks(ports: MemoryPorts) -> None:
+    now = time.time()
+    detect.run(ports, now)
+    # Redis stalled 5 s: no pass ran, and every lease lapsed meanwhile
+    for node in ports.fleet.nodes.values():
+        node.lease = False
+    assert detect.run(ports, now + 5.0)["dead"] == []
+    for node in ports.fleet.nodes.values():
+        node.lease = True  # the nodes renew within the grace
+    assert detect.run(ports, now + 5.0 + ports.settings.lease_ttl + 0.1)["dead"] == []
+
+
+def test_a_starting_node_has_a_grace_to_publish_its_first_lease(ports: MemoryPorts) -> None:
+    node = ports.fleet.add("3", state="starting", lease=False)
+    ports.nodes.upsert_node("3", state="starting")
+    passes = [node.since + 0.5 * i for i in range(int(detect.NODE_START_GRACE * 2) + 3)]
+    dead = {t: detect.run(ports, t)["dead"] for t in passes}
+    assert all(v == [] for t, v in dead.items() if t < node.since + detect.NODE_START_GRACE)
+    assert dead[passes[-1]] == [] and ["3"] in dead.values()  # dead once, past the grace
+
+
+def test_a_stopping_deployment_on_a_dead_node_is_stopped_not_moved(ports: MemoryPorts) -> None:
+    doc = running_on(ports, "1", 1)[0]
+    deployer.stop(ports, doc["_id"])
+    detect.run(ports)
+    ports.fleet.nodes["1"].lease = False
+    detect.run(ports, time.time() + 0.5)
+    stopped = ports.store.get(doc["_id"])
+    assert (stopped["state"], stopped["generation"]) == ("stopped", 1)
+
+
+def test_a_deployment_not_started_in_time_is_placed_again(ports: MemoryPorts) -> None:
+    doc = deploy(ports)
+    later = time.time() + ports.settings.start_timeout + 1
+    assert replace.run(ports, later)["timed_out"] == 1
+    moved = ports.store.get(doc["_id"])
+    assert (moved["state"], moved["generation"]) == ("scheduled", 2)
+    assert "not started" in ports.store.history(doc["_id"])[-2]["reason"]
+
+
+def test_what_a_cut_short_fail_over_left_on_a_dead_node_is_moved(ports: MemoryPorts) -> None:
+    doc = running_on(ports, "1", 1)[0]
+    ports.nodes.set_node_state("1", "dead")
+    ports.fleet.set_state("1", "dead")  # marked dead, but the moves never happened (an outage)
+    assert replace.run(ports)["finished_fail_overs"] == 1
+    assert ports.store.get(doc["_id"])["node"] == "2"
+
+
+def test_an_unplaceable_deployment_does_not_hold_up_smaller_ones(ports: MemoryPorts) -> None:
+    ports.provider.starts_nodes = False
+    big = [deploy(ports, "big") for _ in range(3)]  # two fit, the third waits
+    waiting_big = next(d for d in big if d["state"] == "pending")
+    for node in ports.fleet.nodes.values():  # the small ones arrive while the nodes look full
+        node.cpu = 79.0
+    small = deploy(ports)
+    assert small["state"] == "pending"
+    for node in ports.fleet.nodes.values():
+        node.cpu = 0.0
+    # Then: room for small ones appears; the big one still cannot fit, the small one is placed
+    assert replace.run(ports)["placed"] == 1
+    assert ports.store.get(small["_id"])["state"] == "scheduled"
+    assert ports.store.get(waiting_big["_id"])["state"] == "pending"
+
+
+def test_waiting_work_gets_a_new_node_when_room_can_be_added(ports: MemoryPorts) -> None:
+    ports.provider.starts_nodes = False
+    docs = [deploy(ports, "big") for _ in range(3)]
+    waiting = next(d for d in docs if d["state"] == "pending")
+    ports.provider.starts_nodes = True
+    assert replace.run(ports)["placed"] == 1
+    assert ports.store.get(waiting["_id"])["node"] == "3" and ports.provider.started == ["3"]
+
+
+def test_idle_nodes_above_min_nodes_are_stopped_after_the_idle_timeout(ports: MemoryPorts) -> None:
+    now = time.time()
+    assert scale.run(ports, now)["scaled_in"] == []  # first seen idle
+    assert scale.run(ports, now + ports.settings.idle_timeout + 1)["scaled_in"] == ["1"]
+    assert len(ports.provider.stopped) == 1  # min_nodes=1 keeps the other
+
+
+def test_no_node_is_stopped_while_work_waits_for_room(ports: MemoryPorts) -> None:
+    ports.provider.starts_nodes = False
+    ports.fleet.nodes["1"].cpu = ports.fleet.nodes["2"].cpu = 90.0
+    deploy(ports)
+    ports.fleet.nodes["1"].allocs.clear()
+    now = time.time()
+    scale.run(ports, now)
+    assert scale.run(ports, now + ports.settings.idle_timeout + 1)["scaled_in"] == []
+
+
+def test_a_node_its_provider_cannot_stop_is_asked_once(ports: MemoryPorts) -> None:
+    ports.provider.stoppable = False
+    calls: list[str] = []
+    original = ports.provider.stop_node
+
+    def counting(node_id: str) -> bool:
+        calls.append(node_id)
+        return original(node_id)
+
+    ports.provider.stop_node = counting  # type: ignore[method-assign]
+    now = time.time()
+    scale.run(ports, now)
+    for i in range(3):
+        scale.run(ports, now + ports.settings.idle_timeout + 1 + i)
+    assert calls == ["1", "2"]
+
+
+def test_scale_decision_is_pure() -> None:
+    marks, drop, stop = scale.decide([("1", "up", 0), ("2", "up", 3), ("3", "starting", 0)],
+                                     {"1": "0", "2": "0"}, 100.0, 60.0, 1)  # fmt: skip
+    assert (marks, drop, stop) == ({}, ["2"], ["1"])
+
+
+def test_allocations_are_rebuilt_from_the_registry(ports: MemoryPorts) -> None:
+    doc = deploy(ports)
+    ports.fleet.clear_allocations(doc["node"])  # Redis lost its data
+    ports.fleet.allocate("2", "phantom", Demand(0.5, 100), ts=time.time() - 120)
+    ports.fleet.allocate("2", "young", Demand(0.5, 100))  # placed after the registry was read
+    assert allocations.run(ports) == {"added": 1, "freed": 1}
+    assert doc["_id"] in ports.fleet.allocations(doc["node"])
+    assert set(ports.fleet.allocations("2")) >= {"young"} and "phantom" not in ports.fleet.allocations("2")
