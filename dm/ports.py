@@ -3,6 +3,7 @@ need of the servers, as small interfaces.
 
 - :class:`DeploymentStore`: deployments (MongoDB: :mod:`dm.adapters.mongo`);
 - :class:`NodeBook`: the nodes' durable record (MongoDB);
+- :class:`EventLog`: the numbered events the relay stored (MongoDB), read by one cursor;
 - :class:`Catalogue`: algorithm documents (MongoDB + GridFS, cached);
 - :class:`Fleet`: capacity, usage, leases, presence, allocations, locks (Redis:
   :mod:`dm.adapters.redis_fleet`);
@@ -78,6 +79,15 @@ class DeploymentStore(Protocol):
     def active_by_node(self) -> dict[str, dict[str, Demand]]:
         """node -> deployment id -> demand, of every active deployment (to rebuild allocations)."""
         ...
+
+
+class EventLog(Protocol):
+    """The events the relay stored, numbered (``seq``) in the registry's order, and the mark
+    up to which every numbered event is stored; read by :class:`dm.registry.EventCursor`."""
+
+    def events_mark(self) -> int: ...
+
+    def events_between(self, after: int, upto: int, query: Doc, limit: int = 0) -> list[Doc]: ...
 
 
 class NodeBook(Protocol):

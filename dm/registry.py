@@ -24,6 +24,7 @@ from dm import constants as c
 from dm.errors import BadPackage, RegistryUnavailable, UnknownAlgorithm, UnknownDeployment
 from dm.lifecycle import new_deployment
 from dm.models import ACTIVE_STATES, AlgorithmSpec, DeployRequest
+from dm.ports import EventLog
 
 Doc = dict[str, Any]
 
@@ -52,7 +53,7 @@ class EventCursor:
     up to the mark it saves after each batch, so a batch being written is never seen in part.
     """
 
-    def __init__(self, registry: Registry, query: Doc | None = None) -> None:
+    def __init__(self, registry: EventLog, query: Doc | None = None) -> None:
         self.registry = registry
         self.query = dict(query or {})
         self.last = 0  # seq of the newest event read
@@ -66,8 +67,7 @@ class EventCursor:
         mark = self.registry.events_mark()
         if mark <= self.last:
             return []
-        query = {**self.query, "_id": {"$gt": self.last, "$lte": mark}}
-        new = list(self.registry.events.find(query).sort("_id", 1).limit(limit))
+        new = self.registry.events_between(self.last, mark, self.query, limit)
         if new:
             self.skip(new)
         if not limit or len(new) < limit:
@@ -299,6 +299,10 @@ class Registry:
     ) -> Doc:
         """See :func:`dm.lifecycle.new_deployment`."""
         return new_deployment(request, algorithm, node=node, reason=reason, since=since)
+
+    def events_between(self, after: int, upto: int, query: Doc, limit: int = 0) -> list[Doc]:
+        """Events numbered in (after, upto] that match ``query``, in the relay's order."""
+        return list(self.events.find({**query, "_id": {"$gt": after, "$lte": upto}}).sort("_id", 1).limit(limit))
 
     def events_mark(self) -> int:
         """The relay's mark: every event numbered up to it is stored (see :mod:`dm.relay`)."""

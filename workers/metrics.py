@@ -26,7 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dm import fleet
+from dm import fleet, keys
 from dm.models import MetricsSample
 from workers.watchdog import FENCE_FRACTION
 
@@ -195,7 +195,7 @@ class Presence(threading.Thread):
             url, client_name=fleet.presence_name(node_id), socket_keepalive=True, socket_timeout=self.POLL * 2,
             socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
         )  # fmt: skip
-        self.key = f"dm:presence:{node_id}"
+        self.key = keys.presence(node_id)
 
     def run(self) -> None:
         while True:

@@ -132,6 +132,27 @@ def _public(doc: Doc) -> Doc:
     return copy.deepcopy(out)
 
 
+class MemoryEventLog:
+    """Numbered events and the relay's mark, as :class:`dm.registry.Registry` keeps them."""
+
+    def __init__(self) -> None:
+        self.rows: list[Doc] = []
+        self.mark = 0
+
+    def store(self, event: Doc, seq: int | None = None) -> int:
+        seq = seq if seq is not None else len(self.rows) + 1
+        self.rows.append({**event, "_id": seq, "seq": seq})
+        return seq
+
+    def events_mark(self) -> int:
+        return self.mark
+
+    def events_between(self, after: int, upto: int, query: Doc, limit: int = 0) -> list[Doc]:
+        rows = sorted((r for r in self.rows if after < r["_id"] <= upto), key=lambda r: r["_id"])
+        rows = [r for r in rows if all(r.get(k) == v for k, v in query.items())]
+        return [dict(r) for r in (rows[:limit] if limit else rows)]
+
+
 class MemoryNodes:
     def __init__(self) -> None:
         self.docs: dict[str, Doc] = {}

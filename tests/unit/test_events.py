@@ -1,0 +1,58 @@
+"""The one event cursor (dm.registry.EventCursor) that `dm events -f`, the metrics and the
+bridge's publisher read with, against the memory event log."""
+
+from __future__ import annotations
+
+from dm.adapters.memory import MemoryEventLog
+from dm.registry import EventCursor
+
+
+def log_of(states: list[tuple[str, str]]) -> MemoryEventLog:
+    log = MemoryEventLog()
+    for dep, state in states:
+        log.store({"deployment_id": dep, "state": state})
+    return log
+
+
+def test_it_reads_each_event_once_in_order_up_to_the_mark() -> None:
+    log = log_of([("a", "pending"), ("a", "scheduled"), ("b", "pending")])
+    cursor = EventCursor(log)
+    assert cursor.poll() == []  # nothing is stored up to the mark yet
+    log.mark = 2
+    assert [e["seq"] for e in cursor.poll()] == [1, 2]
+    assert cursor.poll() == []
+    log.mark = 3
+    assert [e["seq"] for e in cursor.poll()] == [3]
+
+
+def test_a_batch_being_written_is_never_seen_in_part() -> None:
+    log = log_of([("a", "pending")])
+    log.mark = 1
+    cursor = EventCursor(log)
+    cursor.poll()
+    log.store({"deployment_id": "a", "state": "scheduled"})  # stored, but past the mark
+    assert cursor.poll() == []
+
+
+def test_a_query_skips_what_does_not_match_without_reading_it_again() -> None:
+    log = log_of([("a", "pending"), ("b", "pending"), ("a", "scheduled")])
+    log.mark = 3
+    cursor = EventCursor(log, {"deployment_id": "a"})
+    assert [e["state"] for e in cursor.poll()] == ["pending", "scheduled"]
+    assert cursor.last == 3
+
+
+def test_a_limit_pages_through_the_events() -> None:
+    log = log_of([("a", str(i)) for i in range(5)])
+    log.mark = 5
+    cursor = EventCursor(log)
+    pages = [[e["seq"] for e in cursor.poll(limit=2)] for _ in range(4)]
+    assert pages == [[1, 2], [3, 4], [5], []]
+
+
+def test_skip_marks_events_shown_before_following() -> None:
+    log = log_of([("a", "pending"), ("a", "scheduled")])
+    log.mark = 2
+    cursor = EventCursor(log)
+    cursor.skip([{"seq": 1}])
+    assert [e["seq"] for e in cursor.poll()] == [2]
