@@ -7,9 +7,8 @@ DMError
 ├── InvalidArgs               args the algorithm does not allow
 ├── BadPackage                a package or archive that cannot be used
 ├── BadRequest                a malformed request or message
-├── NoCapacity                no node can take the deployment now
 ├── UnknownDeployment         no such deployment id
-└── StaleGeneration           a report for a generation that is no longer current
+└── IllegalTransition         a move the lifecycle's table does not allow (dm.lifecycle; a bug)
 """
 
 from __future__ import annotations
@@ -46,13 +45,5 @@ class BadRequest(DMError):
     code = "bad_request"
 
 
-class NoCapacity(DMError):
-    code = "no_capacity"
-
-
 class UnknownDeployment(DMError):
     code = "unknown_deployment"
-
-
-class StaleGeneration(DMError):
-    code = "stale_generation"

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from dm import constants as c
 from dm import keys as k
+from dm.backoff import Backoff
 from dm.control import Control
 from dm.lease import Lease
 from dm.registry import Doc
@@ -82,21 +83,21 @@ class Relay(threading.Thread):
         self.seq = 0  # the last number given to an event
 
     def run(self) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not self.stop.is_set():
             try:
                 if self.lease.hold():
                     self.follow()
-                    delay = 0.5
+                    backoff.reset()
                 else:
                     self.stop.wait(self.lease.ttl / 3)
             except (PyMongoError, RedisError) as exc:
+                delay = backoff.next()
                 log.warning("relay: %s; trying again in %.1fs", exc, delay)
                 self.stop.wait(delay)
-                delay = min(delay * 2, 10.0)
             except Exception:  # a bug must not end the relay of every later event
                 log.exception("relay: unexpected error; trying again")
-                self.stop.wait(delay)
+                self.stop.wait(backoff.next())
         self.lease.release()
 
     def follow(self) -> None:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dm import fleet
+from dm import keys as k
 from tests.ledger import instances, overlaps
 from tests.system import EXAMPLES, System, alive, wait_for
 from workers.outbox import Outbox
@@ -197,7 +198,7 @@ def test_two_beats_and_two_control_workers_place_each_lost_deployment_once(make_
 
 
 def test_chaos_30_deployments_two_nodes_killed_all_end_running_never_twice(make_system, tmp_path):
-    # Given 30 long-running deployments over 3 nodes
+    # Given 30 long-running deployments over 3 nodes, each writing to a ledger
     system = make_system(nodes=3, max_nodes=8)
     system.add_algorithm(variant(tmp_path, "service", "ledgered", cpu="0.05", memory="16"))
     ledger = tmp_path / "ledger"
@@ -205,24 +206,31 @@ def test_chaos_30_deployments_two_nodes_killed_all_end_running_never_twice(make_
         deps = list(
             pool.map(lambda _: system.deploy("ledgered", args={"interval": 0.1, "ledger": str(ledger)}), range(30))
         )
-    for d in deps:
-        system.wait_state(d["id"], "running", timeout=60)
-    nodes = sorted({system.deployment(d["id"])["node"] for d in deps})
+    before = {d["id"]: system.wait_state(d["id"], "running", timeout=60) for d in deps}
+    nodes = sorted({doc["node"] for doc in before.values()})
     assert len(nodes) == 3
 
     # When two nodes are killed with SIGKILL at random moments
     rng = random.Random()
-    for victim in rng.sample(nodes, 2):
+    victims = rng.sample(nodes, 2)
+    for victim in victims:
         time.sleep(rng.uniform(0.2, 2.0))
         os.kill(system.node_pid(victim), signal.SIGKILL)
+    moved = [dep_id for dep_id, doc in before.items() if doc["node"] in victims]
+    assert moved
 
-    # Then all 30 end running, and no deployment ever had two instances alive at once
-    wait_for(
-        lambda: all(system.deployment(d["id"])["state"] == "running" for d in deps),
-        60,
-        what="all 30 running again",
-    )
-    time.sleep(1)
+    # Then every deployment of a killed node runs again on a live node in a higher generation
+    def settled(dep_id: str) -> bool:
+        now = system.deployment(dep_id)
+        old = before[dep_id]
+        if dep_id in moved:
+            return now["state"] == "running" and now["node"] not in victims and now["generation"] > old["generation"]
+        return now["state"] == "running" and now["generation"] == old["generation"]
+
+    wait_for(lambda: all(settled(d) for d in before), 60, what="every victim's deployment running elsewhere")
+    # and the ledger shows each moved one's new instance, never two instances alive at once
+    wait_for(lambda: all(any(i.generation > before[d]["generation"] for i in instances(ledger).get(d, []))
+                         for d in moved), 10, what="the new instances in the ledger")  # fmt: skip
     assert overlaps(ledger) == []
     assert len(instances(ledger)) == 30
 
@@ -255,11 +263,16 @@ def test_a_restart_of_the_control_plane_loses_nothing(make_system):
     for name in ("control", "beat"):
         os.kill(system.procs[name].pid, signal.SIGKILL)
         system.procs[name].wait()  # its sockets are closed: it can take no more messages
+    restarted = time.time()
     system.start_control()
     system.start_beat()
 
-    # Then what ran still runs, new deploys work, and a node death still fails over
-    assert system.deployment(dep["id"])["state"] == "running"
+    # Then, once the new control plane has checked the fleet, what ran still runs (same
+    # process, same generation), new deploys work, and a node death still fails over
+    wait_for(lambda: float(system.ctl.redis.get(k.HEARTBEAT_LAST) or 0) > restarted + 1, 30,
+             what="a failure-detector pass of the new control plane")  # fmt: skip
+    after = system.deployment(dep["id"])
+    assert (after["state"], after["pid"], after["generation"]) == ("running", running["pid"], running["generation"])
     hello = system.deploy("hello")
     assert system.wait_state(hello["id"], "succeeded")["state"] == "succeeded"
     os.kill(system.node_pid(running["node"]), signal.SIGKILL)

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from dm import constants as c
 from dm import fleet, node_manager
 from dm.app import app
+from dm.backoff import Backoff
 from dm.control import Control
 from dm.lifecycle import Actor, set_node_state, transition
 from dm.models import ACTIVE_STATES, LOST, STOPPED, STOPPING
@@ -197,11 +198,11 @@ def bounded(mongo_url: str) -> str:
 
 def _until_reachable(what: str, step: Callable[[], T]) -> T:
     """Run ``step`` until ``what`` answers, waiting longer after each failure."""
-    delay = 0.5
+    backoff = Backoff(0.5, START_BACKOFF_MAX)
     while True:
         try:
             return step()
         except (RedisError, PyMongoError, OSError) as exc:
+            delay = backoff.next()
             log.warning("cannot reach %s yet (%s); trying again in %.1fs", what, exc, delay)
             time.sleep(delay)
-            delay = min(delay * 2, START_BACKOFF_MAX)

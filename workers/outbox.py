@@ -22,6 +22,7 @@ from pymongo.errors import ConnectionFailure
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from dm.backoff import Backoff
 from dm.control import Control
 from dm.lifecycle import Actor, transition
 from dm.registry import Doc
@@ -53,7 +54,7 @@ class Outbox:
         self.node_id = node_id
         self.reports: deque[Report] = deque()
         self.retry_at = 0.0
-        self.delay = RETRY_FIRST
+        self.backoff = Backoff(RETRY_FIRST, RETRY_MAX)
 
     def __len__(self) -> int:
         return len(self.reports)
@@ -87,13 +88,13 @@ class Outbox:
         except UNREACHABLE as exc:
             if self.reports:
                 self.reports[0].attempts += 1
-            self.retry_at = time.monotonic() + self.delay
-            log.warning("node-%s keeps %d report(s), next try in %.1fs: %s", self.node_id, len(self), self.delay, exc)
-            self.delay = min(self.delay * 2, RETRY_MAX)
+            delay = self.backoff.next()
+            self.retry_at = time.monotonic() + delay
+            log.warning("node-%s keeps %d report(s), next try in %.1fs: %s", self.node_id, len(self), delay, exc)
             return
-        if self.delay > RETRY_FIRST:
+        if self.backoff.failing:
             log.warning("node-%s sent every kept report", self.node_id)
-        self.delay = RETRY_FIRST
+        self.backoff.reset()
 
     def _transition(self, report: Report) -> Doc | None:
         ports = self.ctl.ports
