@@ -29,8 +29,12 @@ BRIDGE_GROUP = "dm-bridge"
 
 #: placement threshold, percent of capacity on cpu and on ram
 DEFAULT_THRESHOLD = 80.0
-#: seconds a node's lease lives without renewal
-DEFAULT_LEASE_TTL = 3.0
+#: seconds a node's lease lives without renewal. A node kills its algorithms after 0.75 of
+#: it without a renewal (7.5 s): longer than a control-store stall dm rides through (5 s,
+#: with a renewal every second: 1 s + 5 s < 7.5 s), and 2.5 s before the control plane may
+#: place them elsewhere (10 s + its 0.5 s check). A process that dies is seen at once by
+#: its presence connection, not by the lease.
+DEFAULT_LEASE_TTL = 10.0
 #: seconds between metrics samples / lease renewals
 DEFAULT_METRICS_INTERVAL = 1.0
 #: seconds between heartbeat checks (beat)

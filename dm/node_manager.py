@@ -54,7 +54,7 @@ def add_node(ctl: Control, nodes: list[NodeView] | None = None) -> str | None:
     live = [n for n in nodes if n.state in LIVE_STATES]
     if len(live) >= s.max_nodes:
         return None
-    node_id = str(ctl.redis.incr(NODE_SEQ_KEY))
+    node_id = next_node_id(ctl)
     host = prov.choose_host(ctl)
     # registered before it runs, so placements can go to its queue while it starts
     fleet.register_node(ctl.redis, node_id, cpus=s.node_cpus, memory=s.node_memory, state=STARTING, host=host)
@@ -66,6 +66,17 @@ def add_node(ctl: Control, nodes: list[NodeView] | None = None) -> str | None:
     ctl.registry.upsert_node(node_id, pid=pid)
     log.info("started node-%s on %s (pid %s, %g cpu, %g MiB)", node_id, host or "-", pid, s.node_cpus, s.node_memory)
     return node_id
+
+
+def next_node_id(ctl: Control) -> str:
+    """A node id never handed out before. The counter is in Redis; a Redis that lost its
+    data starts it again from 0, so it is moved past the highest id the registry knows."""
+    node_id = int(ctl.redis.incr(NODE_SEQ_KEY))
+    known = [int(d["_id"]) for d in ctl.registry.list_nodes() if str(d["_id"]).isdigit()]
+    if known and node_id <= max(known):
+        ctl.redis.set(NODE_SEQ_KEY, max(known), nx=False)
+        node_id = int(ctl.redis.incr(NODE_SEQ_KEY))
+    return str(node_id)
 
 
 def stop_node(ctl: Control, node_id: str) -> bool:

@@ -119,7 +119,7 @@ def test_metrics_agree_with_status_after_deploys_a_crash_restart_and_a_node_kill
 
 def test_a_killed_node_is_dead_within_its_lease_in_status_watch_and_metrics(make_system, tmp_path: Path):
     # Given two nodes, no heartbeat check (so only the lease can tell), and `dm watch` running
-    system = make_system(nodes=2, beat=False)
+    system = make_system(nodes=2, beat=False, lease_ttl=3)
     port = start_exporter(system)
     watch_out = tmp_path / "watch.out"
     with open(watch_out, "wb") as out:

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         app.conf.broker_url = app.conf.result_backend = settings.redis_url
     ctl = Control(settings)
     r = ctl.redis
-    node_id = args.id or str(_until_reachable("Redis", lambda: r.incr(node_manager.NODE_SEQ_KEY)))
+    node_id = args.id or _until_reachable("Redis", lambda: node_manager.next_node_id(ctl))
     # forked before any thread exists (pymongo starts some): it only reads a file and kills
     fence_file = settings.home / "nodes" / f"node-{node_id}.fence"
     fence_file.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         set_node_state(ctl.ports, node_id, node_manager.UP)
         log.warning("node-%s was declared dead; it killed its algorithms and rejoins empty", node_id)
 
+    def reregister() -> None:
+        # Redis lost its data (a new, empty server): the node's hash is gone. The registry
+        # says what this node is; its algorithms run on, and the reconcilers rebuild the rest
+        doc = ctl.registry.get_node(node_id) or {}
+        if doc.get("state") == node_manager.DEAD:
+            rejoin()
+            return
+        state = doc.get("state") or node_manager.UP
+        fleet.register_node(r, node_id, cpus=cpus, memory=memory, state=state, host=host, address=address)
+        log.warning("node-%s registered again with Redis (its hash was gone), %s", node_id, state)
+
     publisher = Publisher(
         lease_client(settings.redis_url, settings.lease_ttl),
         node_id,
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         on_fence=supervisor.lapse,
         on_renew=supervisor.renewed,
         on_dead=rejoin,
+        on_missing=reregister,
     )
     _until_reachable("Redis", publisher.publish_once)
     publisher.start()

@@ -127,6 +127,7 @@ class Publisher(threading.Thread):
         on_fence: Callable[[str], None],
         on_renew: Callable[[float], None] | None = None,
         on_dead: Callable[[], None] | None = None,
+        on_missing: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name=f"dm-metrics-{node_id}", daemon=True)
         self.r = r
@@ -137,6 +138,8 @@ class Publisher(threading.Thread):
         self.on_fence = on_fence
         self.on_renew = on_renew
         self.on_dead = on_dead
+        #: called when the node's hash has no state: Redis lost its data and the node must register again
+        self.on_missing = on_missing
         self.token = uuid.uuid4().hex
         self.last_renewed = time.monotonic()
         self.fenced = False
@@ -157,6 +160,8 @@ class Publisher(threading.Thread):
             self.on_renew(sent + self.fence_after)
         if state == "dead" and self.on_dead is not None:
             self.on_dead()
+        elif state is None and self.on_missing is not None:
+            self.on_missing()
 
     def run(self) -> None:
         while not self.stopping.is_set():

@@ -72,7 +72,9 @@ def judge(obs: Observation, s: Settings) -> Verdict:
     seen = float(obs.detector.get("seen") or 0.0)
     server = obs.detector.get("server") or ""
     gap = max(1.0, s.heartbeat_interval * BLIND_GAP_INTERVALS)
-    if server and server != obs.server_id:
+    if not obs.detector:
+        v.blind_reason = "no earlier check in this Redis (a new or emptied server)"
+    elif server and server != obs.server_id:
         v.blind_reason = "Redis restarted (a new run)"
     elif seen and now - seen > gap:
         v.blind_reason = f"no check for {now - seen:.1f}s (Redis or the control plane was away)"
@@ -130,6 +132,10 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
     f = ports.fleet
     if v.blind_reason:
         log.warning("no lease verdicts until %.1fs from now: %s", v.blind_until - now, v.blind_reason)
+        if obs.detector.get("server") != obs.server_id:
+            from dm.reconcilers import allocations
+
+            allocations.run(ports, now)  # a new Redis run may have lost them: rebuild from the registry
     f.set_marks(k.PRESENT_IN, v.present_in)
     f.set_marks(k.ABSENT_SINCE, {n: repr(t) for n, t in v.absent_since.items()}, drop=v.absent_drop)
     detector = {"server": obs.server_id, "seen": repr(now)}

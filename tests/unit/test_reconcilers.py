@@ -12,6 +12,14 @@ from dm.models import Demand, DeployRequest
 from dm.reconcilers import allocations, detect, replace, scale
 
 
+def warm(ports: MemoryPorts) -> float:
+    """Passes of the detector over a first lease period (no lease verdicts on a new Redis); the time after."""
+    now = time.time()
+    for i in range(int(ports.settings.lease_ttl * 2) + 2):
+        detect.run(ports, now + 0.5 * i)
+    return now + 0.5 * (int(ports.settings.lease_ttl * 2) + 2)
+
+
 def deploy(ports: MemoryPorts, name: str = "hello") -> dict:
     return deployer.deploy(ports, DeployRequest(algorithm=name))
 
@@ -30,10 +38,10 @@ def running_on(ports: MemoryPorts, node: str, count: int = 2) -> list[dict]:
 
 def test_a_node_whose_lease_expired_is_dead_and_its_deployments_move_in_a_new_generation(ports: MemoryPorts) -> None:
     docs = running_on(ports, "1")
-    detect.run(ports)  # a first pass: the detector has seen Redis
+    now = warm(ports)
     ports.fleet.nodes["1"].lease = False
-    ports.fleet.nodes["1"].present = False
-    done = detect.run(ports, time.time() + 0.5)
+    ports.fleet.no_presence = True  # presence cannot be seen: only the lease tells
+    done = detect.run(ports, now)
     assert done["dead"] == ["1"] and done["failed_over"] == 2
     assert ports.nodes.get_node("1")["state"] == "dead"
     for doc in docs:
@@ -46,9 +54,9 @@ def test_a_node_whose_lease_expired_is_dead_and_its_deployments_move_in_a_new_ge
 
 def test_a_second_detector_finds_nothing_left_to_do(ports: MemoryPorts) -> None:
     docs = running_on(ports, "1")
-    detect.run(ports)
+    now = warm(ports)
     ports.fleet.nodes["1"].lease = False
-    detect.run(ports, time.time() + 0.5)
+    detect.run(ports, now)
     # another detector that observed the same: the node's compare-and-set is lost, nothing moves twice
     assert detect.fail_over(ports, "1", "node-1 lease expired") == 0
     assert all(ports.store.get(d["_id"])["generation"] == 2 for d in docs)
@@ -88,9 +96,18 @@ def test_an_agent_process_that_exited_is_a_dead_node_at_once(ports: MemoryPorts)
     assert detect.run(ports)["dead"] == ["2"]
 
 
-def test_no_lease_verdict_for_a_lease_period_after_redis_restarted(ports: MemoryPorts) -> None:
+def test_no_lease_verdict_for_a_lease_period_on_a_new_redis(ports: MemoryPorts) -> None:
     now = time.time()
-    detect.run(ports, now)
+    ports.fleet.nodes["1"].lease = False
+    assert detect.run(ports, now)["blind"] is True
+    assert detect.run(ports, now + 1.0)["dead"] == []
+    assert detect.run(ports, now + 2.0)["dead"] == []
+    assert detect.run(ports, now + 2.5)["dead"] == []
+    assert detect.run(ports, now + ports.settings.lease_ttl + 0.1)["dead"] == ["1"]
+
+
+def test_no_lease_verdict_for_a_lease_period_after_redis_restarted(ports: MemoryPorts) -> None:
+    now = warm(ports)
     ports.fleet.server = "run-2"
     ports.fleet.nodes["1"].lease = False
     assert detect.run(ports, now + 0.5) == {"dead": [], "failed_over": 0, "blind": True}
@@ -99,8 +116,7 @@ def test_no_lease_verdict_for_a_lease_period_after_redis_restarted(ports: Memory
 
 
 def test_no_lease_verdict_for_a_lease_period_after_a_gap_in_the_checks(ports: MemoryPorts) -> None:
-    now = time.time()
-    detect.run(ports, now)
+    now = warm(ports)
     # Redis stalled 5 s: no pass ran, and every lease lapsed meanwhile
     for node in ports.fleet.nodes.values():
         node.lease = False
@@ -122,9 +138,9 @@ def test_a_starting_node_has_a_grace_to_publish_its_first_lease(ports: MemoryPor
 def test_a_stopping_deployment_on_a_dead_node_is_stopped_not_moved(ports: MemoryPorts) -> None:
     doc = running_on(ports, "1", 1)[0]
     deployer.stop(ports, doc["_id"])
-    detect.run(ports)
+    now = warm(ports)
     ports.fleet.nodes["1"].lease = False
-    detect.run(ports, time.time() + 0.5)
+    detect.run(ports, now)
     stopped = ports.store.get(doc["_id"])
     assert (stopped["state"], stopped["generation"]) == ("stopped", 1)
 

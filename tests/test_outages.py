@@ -1,0 +1,104 @@
+"""The fleet rides through control-store outages: a Redis stall, and Redis replaced by an
+empty server on the same address, kill nothing and run nothing twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dm import keys as k
+from dm.embedded import Server, start_redis
+from tests.ledger import instances, overlaps
+from tests.system import System, alive, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[list[Server]]:
+    """A Redis of this test's own (the list holds the one running now), stopped by PID."""
+    servers = [start_redis(tmp_path / "redis-home")]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def fleet_with_services(
+    stack, private_redis: list[Server], tmp_path: Path, count: int = 6
+) -> tuple[System, Path, dict[str, dict]]:
+    system = System(private_redis[0].url, stack.mongo_url, tmp_path / "home")
+    system.start(nodes=3)
+    system.add_examples("service", "hello")
+    ledger = tmp_path / "ledger"
+    deps = [system.deploy("service", args={"interval": 0.1, "ledger": str(ledger)}) for _ in range(count)]
+    running = {d["id"]: system.wait_state(d["id"], "running", timeout=60) for d in deps}
+    assert len({d["node"] for d in running.values()}) >= 2
+    return system, ledger, running
+
+
+def detector_pass_after(system: System, when: float, timeout: float = 60) -> None:
+    wait_for(lambda: float(system.ctl.redis.get(k.HEARTBEAT_LAST) or 0) > when, timeout,
+             what="a failure-detector pass")  # fmt: skip
+
+
+def assert_untouched(system: System, ledger: Path, before: dict[str, dict]) -> None:
+    for dep_id, doc in before.items():
+        now = system.deployment(dep_id)
+        assert (now["state"], now["pid"], now["generation"], now["node"]) == (
+            "running", doc["pid"], doc["generation"], doc["node"],
+        ), now  # fmt: skip
+        assert alive(doc["pid"])
+    assert overlaps(ledger) == []
+    assert all(len(runs) == 1 for runs in instances(ledger).values())
+
+
+def test_redis_stalled_5s_kills_nothing(stack, private_redis, tmp_path):
+    # Given six services on three nodes
+    system, ledger, before = fleet_with_services(stack, private_redis, tmp_path)
+    try:
+        # When Redis stalls for 5 s (as a blocked fork, a slow disk or a network blip does)
+        os.kill(private_redis[0].pid, signal.SIGSTOP)
+        time.sleep(5)  # the stall itself
+        os.kill(private_redis[0].pid, signal.SIGCONT)
+        resumed = time.time()
+
+        # Then, past a lease period of verdicts after it, every algorithm still runs: same
+        # process, same generation, same node, one instance each in the ledger
+        detector_pass_after(system, resumed + system.settings.lease_ttl + 1)
+        assert_untouched(system, ledger, before)
+        assert all(n["state"] == "up" for n in system.ctl.registry.list_nodes())
+    finally:
+        os.kill(private_redis[0].pid, signal.SIGCONT)
+        system.stop()
+
+
+def test_redis_replaced_by_an_empty_server_kills_nothing_and_deploys_work(stack, private_redis, tmp_path):
+    # Given six services on three nodes
+    system, ledger, before = fleet_with_services(stack, private_redis, tmp_path)
+    try:
+        # When Redis is replaced by an empty server on the same address (no persistence)
+        port = private_redis[0].port
+        private_redis.pop().stop()
+        private_redis.append(start_redis(tmp_path / "redis-home-2", port=port))
+        replaced = time.time()
+
+        # Then the nodes register again, and a new deploy works within 10 s
+        wait_for(lambda: len([n for n in system.ctl.redis.smembers(k.NODES)]) == 3, 30, what="nodes registered again")
+        hello = system.deploy("hello", timeout=30)
+        done = system.wait_state(hello["id"], "succeeded", "failed", timeout=30)
+        assert done["state"] == "succeeded"
+        assert time.time() - replaced < 30
+
+        # and past a lease period of verdicts, nothing was killed or started twice, and the
+        # allocations of what runs are back in the fleet
+        detector_pass_after(system, replaced + system.settings.lease_ttl + 1)
+        assert_untouched(system, ledger, before)
+        for dep_id, doc in before.items():
+            assert dep_id in system.ctl.redis.hkeys(k.ALLOC.format(doc["node"]))
+    finally:
+        system.stop()
