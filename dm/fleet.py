@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from dm import constants as c
 from dm import keys as k
 from dm.balancer import NodeView
 from dm.models import Demand, MetricsSample
@@ -53,16 +54,21 @@ def register_node(
         },
     )
     pipe.sadd(k.NODES, node_id)
+    reindex(r, [node_id], pipe)
     pipe.execute()
 
 
 def set_state(r: redis.Redis, node_id: str, state: str) -> None:
-    r.hset(k.NODE.format(node_id), "state", str(state))
+    pipe = r.pipeline()
+    pipe.hset(k.NODE.format(node_id), "state", str(state))
+    reindex(r, [node_id], pipe)
+    pipe.execute()
 
 
 def remove_node(r: redis.Redis, node_id: str) -> None:
     pipe = r.pipeline()
     pipe.srem(k.NODES, node_id)
+    pipe.zrem(k.PLACEMENT_INDEX, node_id)
     pipe.delete(k.NODE.format(node_id), k.ALLOC.format(node_id), k.LEASE.format(node_id),
                 k.RECENT.format(node_id))  # fmt: skip
     pipe.execute()
@@ -76,6 +82,7 @@ def publish(r: redis.Redis, sample: MetricsSample, lease_ttl: float, token: str)
     pipe.hset(key, mapping={"cpu": sample.cpu, "ram": sample.ram, "ts": sample.ts})
     pipe.set(k.LEASE.format(sample.node_id), token, px=int(lease_ttl * 1000))
     pipe.hget(key, "state")
+    reindex(r, [sample.node_id], pipe)
     state: str | None = pipe.execute()[2]
     return state
 
@@ -128,6 +135,20 @@ _RELEASE = _lua("release.lua")
 _SNAPSHOT = _lua("snapshot.lua", prelude="node.lua")
 _DECIDE = _lua("decide.lua", prelude="node.lua")
 _UNLOCK = _lua("unlock.lua")
+_INDEX = _lua("index.lua", prelude="node.lua")
+#: seconds a reservation counts after the node's last sample, as the index computes scores
+#: (placement passes its setting; the index uses the same, see ``reindex``)
+INDEX_SETTLE = c.DEFAULT_RESERVATION_SETTLE
+
+
+def reindex(r: redis.Redis, node_ids: Iterable[str], pipe: Any = None, settle: float = INDEX_SETTLE) -> None:
+    """Bring the placement index up to date for these nodes (on ``pipe`` if given)."""
+    ids = list(node_ids)
+    if ids:
+        args = [k.NODE, k.ALLOC, k.RECENT, settle, *ids]
+        _script(r, _INDEX)(keys=[k.PLACEMENT_INDEX, k.PLACEMENT_SETTLE], args=args, client=pipe)
+
+
 #: policies the one-call decision knows (``p2c`` reads the fleet and asks dm.balancer)
 DECIDE_POLICIES = ("min", "max")
 
@@ -136,7 +157,7 @@ def decide(
     r: redis.Redis, token: str, demand: Demand, threshold: float, policy: str, settle: float, lock_seconds: float
 ) -> list[str]:
     """Take the placement lock (as ``token``) and choose a node in one call; see ``_DECIDE``."""
-    keys = [k.NODES, k.PLACEMENT_LOCK]
+    keys = [k.NODES, k.PLACEMENT_LOCK, k.PLACEMENT_INDEX, k.PLACEMENT_SETTLE]
     args = [token, int(lock_seconds * 1000), settle, repr(demand.cpu), repr(demand.memory), threshold, policy,
             k.NODE, k.ALLOC, k.RECENT]  # fmt: skip
     return [str(x) for x in _script(r, _DECIDE)(keys=keys, args=args)]
@@ -192,11 +213,15 @@ def allocate(r: redis.Redis, node_id: str, dep_id: str, demand: Demand, pipe: An
     _script(r, _ALLOCATE)(
         keys=keys, args=[dep_id, repr(demand.cpu), repr(demand.memory), repr(now), alloc], client=pipe
     )
+    reindex(r, [node_id], pipe)
 
 
 def release(r: redis.Redis, node_id: str, dep_id: str) -> None:
     keys = [k.ALLOC.format(node_id), k.NODE.format(node_id), k.RECENT.format(node_id)]
-    _script(r, _RELEASE)(keys=keys, args=[dep_id])
+    pipe = r.pipeline(transaction=False)
+    _script(r, _RELEASE)(keys=keys, args=[dep_id], client=pipe)
+    reindex(r, [node_id], pipe)
+    pipe.execute()
 
 
 def clear_allocations(r: redis.Redis, node_id: str) -> None:
@@ -204,6 +229,7 @@ def clear_allocations(r: redis.Redis, node_id: str) -> None:
     pipe = r.pipeline()
     pipe.delete(k.ALLOC.format(node_id), k.RECENT.format(node_id))
     pipe.hdel(k.NODE.format(node_id), "alloc_cpu", "alloc_memory", "alloc_n", "res_cpu", "res_memory")
+    reindex(r, [node_id], pipe)
     pipe.execute()
 
 

@@ -33,6 +33,12 @@ ALLOC = "dm:alloc:{}"
 #: sorted set: deployment id -> time placed, of a node's recent allocations (reserved demand)
 RECENT = "dm:recent:{}"
 
+#: sorted set: node id -> score (load), of every node that takes work: the placement index,
+#: kept current by every change of a node's sample, allocations or state (dm/lua/index.lua)
+PLACEMENT_INDEX = "dm:placement:index"
+#: string: the reservation settle time the index's scores were computed with (placement's)
+PLACEMENT_SETTLE = "dm:placement:settle"
+
 # -- the failure detector's memory --------------------------------------------------
 #: hash: node id -> time it was first seen idle (scale-in)
 IDLE_SINCE = "dm:idle_since"

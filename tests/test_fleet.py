@@ -37,6 +37,7 @@ def random_fleet(r: redis.Redis, rng: random.Random) -> None:
             fleet.allocate(r, node, f"d{i}-{j}", demand)
         if rng.random() < 0.5:  # a later sample: some reservations have settled
             r.hset(k.NODE.format(node), "ts", str(float(r.hget(k.NODE.format(node), "ts") or 0) + 5))
+            fleet.reindex(r, [node])  # as every writer of a node's figures does
 
 
 @pytest.mark.parametrize("policy", ["min", "max"])

@@ -1,4 +1,5 @@
--- the prelude of snapshot.lua and decide.lua: read a node, compute and trim its reserved demand
+-- the prelude of snapshot.lua, decide.lua and index.lua: read a node, compute (and trim) its
+-- reserved demand, and its effective usage and score: one arithmetic for all three
 -- a node's hash fields placement reads: cpus, memory, state, cpu, ram, alloc_cpu,
 -- alloc_memory, alloc_n, ts, res_cpu, res_memory
 local function read_node(pattern, id)
@@ -29,4 +30,35 @@ local function reserved(key, row, id, settle, alloc_pattern, recent_pattern, tri
     end
   end
   return cpu, memory
+end
+local function round6(x) return math.floor(x * 1e6 + 0.5) / 1e6 end
+local function pct(amount, capacity) return amount / capacity * 100.0 end
+-- a node that takes work: cpus, memory, effective cpu and ram (percent: the last sample plus
+-- what was reserved since, or what is committed, whichever is more), its score
+-- (load = 1 / (1/cpu + 1/ram), 0 where either is 0) and its deployments; nil otherwise
+local function figures(key, row, id, settle, alloc_pattern, recent_pattern, trim)
+  local cpus, memory = tonumber(row[1] or ''), tonumber(row[2] or '')
+  local state = row[3] or 'starting'
+  if not (cpus and memory and cpus > 0 and memory > 0 and (state == 'up' or state == 'starting')) then
+    return nil
+  end
+  local rcpu, rmem = reserved(key, row, id, settle, alloc_pattern, recent_pattern, trim)
+  rcpu, rmem = math.max(0, round6(rcpu)), math.max(0, round6(rmem))
+  local ccpu = math.max(0, round6(tonumber(row[6] or '0') or 0))
+  local cmem = math.max(0, round6(tonumber(row[7] or '0') or 0))
+  local ecpu = math.max((tonumber(row[4] or '0') or 0) + pct(rcpu, cpus), pct(ccpu, cpus))
+  local eram = math.max((tonumber(row[5] or '0') or 0) + pct(rmem, memory), pct(cmem, memory))
+  local score = 0
+  if ecpu > 0 and eram > 0 then score = 1.0 / (1.0 / ecpu + 1.0 / eram) end
+  return {cpus = cpus, memory = memory, ecpu = ecpu, eram = eram, score = score, n = tonumber(row[8] or '0') or 0}
+end
+-- put a node in the placement index (sorted by score) if it takes work, else take it out
+local function reindex(index, node_pattern, alloc_pattern, recent_pattern, settle, id)
+  local key, row = read_node(node_pattern, id)
+  local f = figures(key, row, id, settle, alloc_pattern, recent_pattern, false)
+  if f then
+    redis.call('ZADD', index, f.score, id)
+  else
+    redis.call('ZREM', index, id)
+  end
 end
