@@ -411,7 +411,7 @@ def _open(data: bytes) -> tarfile.TarFile:
 def _members(tar: tarfile.TarFile) -> list[tuple[str, tarfile.TarInfo]]:
     """Each member with its normalized name ('./a//b' -> 'a/b'), read one at a time so that
     an archive past a bound is refused at its first member past it, not after reading all."""
-    members = []
+    members: list[tuple[str, tarfile.TarInfo]] = []
     try:
         while (m := tar.next()) is not None:
             name = "/".join(p for p in m.name.split("/") if p not in ("", "."))
