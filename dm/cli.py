@@ -108,12 +108,14 @@ def cmd_node(a: argparse.Namespace) -> int:
 
 
 def cmd_algorithms_add(a: argparse.Namespace) -> int:
+    from dm.capacity import check_demand
     from dm.package import load_spec, pack
 
     ctl = _control()
     added = []
     for directory in _package_dirs(a.dirs):
         spec = load_spec(directory)
+        check_demand(spec.name, spec.demand, ctl.settings, ctl.registry)  # never-fitting demand: refused now
         archive, sha = pack(directory)
         doc = ctl.registry.add_algorithm(spec, archive, sha)
         added.append({"name": doc["name"], "version": doc["version"], "sha256": doc["sha256"], "size": doc["size"]})

@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.exceptions import LockError
 
-from dm import balancer, fleet, node_manager
+from dm import balancer, fleet, node_manager, signing
 from dm import constants as c
 from dm.app import app
 from dm.control import Control
@@ -274,5 +274,6 @@ def stop(ctl: Control, dep_id: str, reason: str = "stopped by request") -> Doc:
     )
     if stopping is None:
         return stop(ctl, dep_id, reason)  # it moved on meanwhile: look again
-    app.send_task("dm.kill", args=[doc["_id"], doc["generation"], reason], queue=c.NODE_QUEUE_PREFIX + doc["node"])
+    kill = signing.kill_args(doc["_id"], doc["generation"], reason, ctl.settings)  # signed: dm/signing.py
+    app.send_task("dm.kill", args=kill, queue=c.NODE_QUEUE_PREFIX + doc["node"])
     return stopping

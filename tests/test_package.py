@@ -15,6 +15,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -268,18 +269,22 @@ def test_unpack_accepts_an_archive_at_the_bounds(tmp_path: Path) -> None:
     assert len(os.listdir(tmp_path / "many" / "data")) == package.MAX_MEMBERS - 1
 
 
-def _deep_dirs(root: Path, depth: int) -> None:
-    """``depth`` nested directories under ``root``, made relative to an open directory each
-    time (the whole path passes PATH_MAX)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+@contextmanager
+def _deep_dirs(root: Path, depth: int) -> Iterator[None]:
+    """``depth`` nested directories ``a/a/...`` under ``root`` for the block, made and removed
+    relative to open directories (the whole path passes PATH_MAX, and shutil.rmtree recurses
+    past Python's limit on it)."""
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
     try:
         for _ in range(depth):
-            os.mkdir("a", dir_fd=fd)
-            inner = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = inner
+            os.mkdir("a", dir_fd=fds[-1])
+            fds.append(os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        yield
     finally:
-        os.close(fd)
+        os.close(fds.pop())
+        while fds:
+            os.rmdir("a", dir_fd=fds[-1])
+            os.close(fds.pop())
 
 
 def test_pack_refuses_a_package_past_the_bounds(tmp_path: Path) -> None:
@@ -289,17 +294,17 @@ def test_pack_refuses_a_package_past_the_bounds(tmp_path: Path) -> None:
     for i in range(package.MAX_MEMBERS):
         (many / "data" / str(i)).touch()
     deep = make_package(tmp_path / "deep")
-    _deep_dirs(deep, 2000)
     long = make_package(tmp_path / "long")
     (long / "/".join(["d" * 200] * 6)).mkdir(parents=True)
-    # Then each is refused before anything is stored, naming the bound
-    for directory, message in [
-        (many, "past the limit of 10,000"),
-        (deep, "is 33 levels deep, past the limit of 32"),
-        (long, "has a name of 1205 bytes, past the limit of 1024"),
-    ]:
-        with pytest.raises(BadPackage, match=message):
-            pack(directory)
+    with _deep_dirs(deep, 2000):
+        # Then each is refused, naming the bound (so nothing reaches the registry)
+        for directory, message in [
+            (many, "past the limit of 10,000"),
+            (deep, "is 33 levels deep, past the limit of 32"),
+            (long, "has a name of 1205 bytes, past the limit of 1024"),
+        ]:
+            with pytest.raises(BadPackage, match=message):
+                pack(directory)
 
 
 def test_unpack_accepts_safe_links(tmp_path: Path) -> None:
