@@ -118,6 +118,24 @@ class Settings:
             )
 
 
+def ensure_home(home: Path) -> Path:
+    """Make ``home`` (DM_HOME) if needed, readable by its owner alone (0700): it holds the
+    stack's URLs, the signing key and the logs."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if home.stat().st_uid == os.getuid():
+        home.chmod(0o700)
+    return home
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by its owner alone (0600 from the start)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def stack_state_path(home: Path) -> Path:
     return home / "stack.json"
 

@@ -20,6 +20,7 @@ from dm.app import app
 from dm.models import DeployRequest
 from dm.sender import TaskSender
 from dm.settings import Settings, mask_url
+from tests.servers import stack_factory  # noqa: F401  (fixture: private servers for one test)
 from tests.system import EXAMPLES, System, wait_for
 
 # --- signing: unit ----------------------------------------------------------------
@@ -167,3 +168,142 @@ def test_oversized_demand_and_bad_archives_are_refused_by_algorithms_add_and_not
         assert ok.returncode == 0, ok.stderr
     finally:
         system.stop()
+
+
+REDIS_PW = "redis-pw-Zq81x"
+MONGO_PW = "mongo-pw-Kd27v"
+
+
+def _secured_stack(make_stack: Any) -> tuple[str, str]:
+    """A private Redis and MongoDB that require passwords: their URLs, carrying them."""
+    import pymongo
+    import redis
+
+    servers = make_stack(kafka=False)
+    redis.Redis.from_url(servers.redis_url).config_set("requirepass", REDIS_PW)
+    with pymongo.MongoClient(servers.mongo_url) as mongo:
+        mongo.admin.command("createUser", "dm", pwd=MONGO_PW, roles=["root"])
+    host_port = servers.mongo_url.removeprefix("mongodb://").rstrip("/")
+    return (
+        servers.redis_url.replace("redis://", f"redis://:{REDIS_PW}@"),
+        f"mongodb://dm:{MONGO_PW}@{host_port}/?authSource=admin",
+    )
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_dm_up_with_passwords_in_the_urls_shows_none_and_keeps_dm_home_private(
+    stack_factory: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from dm.embedded import free_port
+    from tests.system import ROOT
+
+    # Given servers that require passwords, and nodes started through the command provider
+    redis_url, mongo_url = _secured_stack(stack_factory)
+    home = tmp_path / "dm-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DM_")}
+    env.update(DM_HOME=str(home), DM_REDIS_URL=redis_url, DM_MONGO_URL=mongo_url, DM_PROVIDER="command",
+               DM_NODE_START_COMMAND="{python} -m dm node --env-file - --id {node_id} --cpus {cpus} --memory {memory}",
+               PYTHONPATH=str(ROOT))  # fmt: skip
+    flower, metrics = free_port(), free_port()
+
+    def dm(*args: str) -> Any:
+        import subprocess
+
+        return subprocess.run([sys.executable, "-m", "dm", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=180)  # fmt: skip
+
+    # When the user starts it all and deploys
+    up = dm("up", "--detach", "--no-bridge", "--flower-port", str(flower), "--metrics-port", str(metrics))
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        added = dm("algorithms", "add", str(EXAMPLES / "hello"))
+        deployed = dm("deploy", "hello", "--arg", "who=auth", "--wait", "--json")
+        status = dm("status", "--json")
+        state = json.loads((home / "stack.json").read_text())
+        from dm.control import Control
+
+        ctl = Control(Settings.from_env(env))
+        node_pids = [int(n["pid"]) for n in ctl.registry.list_nodes() if n.get("pid")]
+        cmdlines = [_cmdline(pid) for pid in [*state["processes"].values(), *node_pids]]
+        state_mode = stat.S_IMODE((home / "stack.json").stat().st_mode)
+    finally:
+        down = dm("down")
+    assert down.returncode == 0, down.stderr
+
+    # Then it works, with the passwords masked in what it prints
+    assert added.returncode == 0 and deployed.returncode == 0, added.stderr + deployed.stdout + deployed.stderr
+    assert json.loads(deployed.stdout)["state"] == "succeeded"
+    ready = next(line for line in up.stdout.splitlines() if line.startswith("ready"))
+    assert "redis redis://:***@127.0.0.1:" in ready and "mongo mongodb://dm:***@127.0.0.1:" in ready
+    # and no password in any output, command line or file under DM_HOME but the 0600 ones that must hold it
+    for text in [up.stdout, up.stderr, added.stdout, deployed.stdout, status.stdout, down.stdout, *cmdlines]:
+        assert REDIS_PW not in text and MONGO_PW not in text, text
+    assert node_pids and all("--env-file -" in line for line in cmdlines[-len(node_pids) :])
+    assert state_mode == 0o600  # stack.json holds the URLs (`dm down` removed it)
+    holders = set((home / "nodes").glob("*.env"))
+    for path in home.rglob("*"):
+        if path.is_file() and path not in holders:
+            data = path.read_bytes()
+            assert REDIS_PW.encode() not in data and MONGO_PW.encode() not in data, path
+    # DM_HOME is its owner's alone, and so are the files that hold secrets
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    private = [home / "signing.key", *holders, *(home / "logs").glob("*.log"), *(home / "nodes").glob("*.log")]
+    assert len(private) >= 5
+    for path in private:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # dm status --json lists every endpoint, masked
+    where = json.loads(status.stdout)["endpoints"]
+    assert where["redis"] == mask_url(redis_url) and "***" in where["redis"]
+    assert where["mongo"] == mask_url(mongo_url) and "***" in where["mongo"]
+    assert where["flower"] == f"http://127.0.0.1:{flower}"
+    assert where["metrics"] == f"http://127.0.0.1:{metrics}/metrics"
+    assert set(where) == {"redis", "mongo", "kafka", "flower", "metrics"}
+
+
+def test_the_command_provider_keeps_urls_off_command_lines_logs_and_errors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dm.control import Control
+    from dm.errors import ConfigError
+    from dm.providers.command import CommandProvider
+
+    settings = Settings(
+        home=tmp_path / "home",
+        redis_url=f"redis://:{REDIS_PW}@10.0.0.5:6379/0",
+        mongo_url=f"mongodb://dm:{MONGO_PW}@10.0.0.5/?authSource=admin",
+        provider="command",
+    )
+    out = tmp_path / "stdin.txt"
+    record = f"{{python}} -c 'import sys; open(sys.argv[1], \"w\").write(sys.stdin.read())' {out} {{env_file}}"
+    provider = CommandProvider()
+    caplog.set_level("DEBUG")
+
+    # a start command gets the settings on its stdin and in a 0600 file, never in its argv
+    pid = provider.start(Control(settings.with_(node_start_command=record)), "7", 1.0, 512.0, "h")
+    wait_for(lambda: provider.running["7"].poll() is not None, 30, what="the start command to end")
+    assert provider.running["7"].returncode == 0
+    lines = out.read_text().splitlines()
+    assert f"DM_REDIS_URL={settings.redis_url}" in lines and f"DM_MONGO_URL={settings.mongo_url}" in lines
+    assert any(line.startswith("DM_SIGNING_KEY=") for line in lines)
+    env_file = settings.home / "nodes" / "node-7.env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600 and env_file.read_text().splitlines() == lines
+    assert pid > 0
+    # a template that would put a password on a command line is refused; a failing one says so without it
+    for template, message in [
+        ("ssh {host} dm node --redis {redis_url}", "puts {redis_url} on the node's command line"),
+        (f"/nonexistent/dm-node {settings.redis_url}", "cannot run DM_NODE_START_COMMAND: /nonexistent/dm-node"),
+    ]:
+        with pytest.raises(ConfigError, match="DM_NODE_START_COMMAND") as caught:
+            provider.start(Control(settings.with_(node_start_command=template)), "8", 1.0, 512.0, "h")
+        assert message in str(caught.value)
+        assert REDIS_PW not in str(caught.value) and MONGO_PW not in str(caught.value)
+    stop = settings.with_(node_stop_command=f"/nonexistent/stop {settings.redis_url}")
+    assert provider.stop(Control(stop), {"_id": "7"}) is False
+    assert caplog.records and not [
+        r for r in caplog.records if REDIS_PW in r.getMessage() or MONGO_PW in r.getMessage()
+    ]
