@@ -51,4 +51,9 @@ app.conf.beat_schedule = {
         "schedule": settings.heartbeat_interval,
         "options": {"queue": c.CONTROL_QUEUE, "expires": max(settings.heartbeat_interval * 4, 2.0)},
     },
+    "dm-retention": {
+        "task": "dm.retention",
+        "schedule": settings.retention_interval,
+        "options": {"queue": c.CONTROL_QUEUE, "expires": max(settings.retention_interval, 2.0)},
+    },
 }

@@ -22,6 +22,10 @@ A package is a directory with an ``algorithm.toml`` at its root (read with tomll
     backoff = 0.5                    # seconds before the first restart, doubled each time: 0.1 to 3600
     backoff_max = 30.0               # cap on the delay, >= backoff, at most a day
 
+    [logs]                           # optional: rotation of the algorithm's log on its node
+    max_size = 10485760              # bytes it grows to before it is rotated (default DM_LOG_MAX_SIZE, 10 MiB)
+    keep = 3                         # rotated copies kept, <log>.1 ... (default DM_LOG_KEEP, 3)
+
     [env]                            # optional, string -> string; DM_* is reserved
     GREETING = "hi"
 
@@ -83,6 +87,10 @@ MAX_RESTARTS = 1000
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 3600.0
 MAX_BACKOFF_CAP = 86400.0
+#: bounds of ``[logs]``: the size a log is rotated at, and the rotated copies kept
+MIN_LOG_SIZE = 4096
+MAX_LOG_SIZE = 1 << 30
+MAX_LOG_KEEP = 100
 #: command[0] values the node resolves to its own interpreter
 INTERPRETERS = ("python", "python3")
 
@@ -131,7 +139,7 @@ def _properties(v: Any) -> bool:
     return len(dicts) == len(props) and all(p.get("type", "null") in _JSON_TYPES for p in dicts)
 
 
-_TABLES = ("restart", "args_schema")
+_TABLES = ("restart", "args_schema", "logs")
 _TEXT = (lambda v: isinstance(v, str), "must be a string")
 #: each field of algorithm.toml (tables dotted): its check and what it must be
 _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -156,6 +164,15 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "restart.backoff_max": (
         _within(MIN_BACKOFF, MAX_BACKOFF_CAP),
         f"must be a number of seconds from {MIN_BACKOFF:g} to {MAX_BACKOFF_CAP:g} (a day)",
+    ),
+    "logs": (lambda v: isinstance(v, dict), "must be a table: [logs]"),
+    "logs.max_size": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and MIN_LOG_SIZE <= v <= MAX_LOG_SIZE,
+        f"must be a whole number of bytes from {MIN_LOG_SIZE} to {MAX_LOG_SIZE} (1 GiB)",
+    ),
+    "logs.keep": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOG_KEEP,
+        f"must be a whole number of rotated logs from 0 to {MAX_LOG_KEEP}",
     ),
     "args_schema": (lambda v: isinstance(v, dict), "must be a table: [args_schema]"),
     "args_schema.type": (lambda v: v == "object", 'must be "object" (args are an object)'),

@@ -61,6 +61,8 @@ class Settings:
     #: seconds finished deployments, their events, dead nodes and node files are kept
     #: (DM_RETENTION takes seconds or a number with s, m, h or d: "7d")
     retention: float = DEFAULT_RETENTION
+    #: seconds between two retention sweeps (beat) and two pruning rounds on a node
+    retention_interval: float = RETENTION_INTERVAL
     #: bytes an algorithm's log may grow to before it is rotated (per algorithm: ``[logs] max_size``)
     log_max_size: int = DEFAULT_LOG_MAX_SIZE
     #: rotated logs kept beside the current one (per algorithm: ``[logs] keep``)
@@ -190,7 +192,7 @@ def _mask_query(query: str) -> str:
 def _coerce(name: str, kind: Any, raw: Any) -> Any:
     kind = str(kind)
     try:
-        if name == "retention":
+        if name in ("retention", "retention_interval"):
             return parse_duration(raw)
         if "float" in kind:
             return float(raw)

@@ -9,7 +9,7 @@ from pymongo.errors import PyMongoError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dm import constants as c
-from dm import deployer, heartbeat, relay
+from dm import deployer, heartbeat, relay, retention
 from dm.app import app
 from dm.control import get_control
 from dm.errors import RegistryUnavailable
@@ -62,6 +62,12 @@ def stop(deployment_id: str, reason: str = "stopped by request") -> dict[str, An
 @app.task(name="dm.heartbeat", acks_late=False, ignore_result=True)
 def heartbeat_check() -> dict[str, Any]:
     return heartbeat.check(get_control())
+
+
+@app.task(name="dm.retention", acks_late=False, ignore_result=True)
+def retention_sweep() -> dict[str, Any]:
+    """Forget finished deployments, their events and gone nodes past DM_RETENTION (dm/retention.py)."""
+    return retention.sweep(get_control())
 
 
 @signals.worker_ready.connect

@@ -32,7 +32,7 @@ from dm.app import app
 from dm.control import Control
 from dm.models import ACTIVE_STATES, LOST
 from dm.settings import Settings
-from workers import tasks, watchdog
+from workers import housekeeping, tasks, watchdog
 from workers.metrics import HostSampler, Presence, Publisher, TreeSampler, host_capacity, lease_client
 from workers.supervisor import Supervisor
 
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     _until_reachable("MongoDB", lambda: ctl.registry.upsert_node(node_id, **record))
     supervisor = Supervisor(ctl, node_id)
     supervisor.start()
+    housekeeping.start(supervisor, settings)  # log rotation, pruning past DM_RETENTION
     tasks.supervisor = supervisor
     sampler = HostSampler() if args.host_wide else TreeSampler(cpus, memory)
 
