@@ -57,4 +57,5 @@ app.conf.beat_schedule = {
     "dm-replace": _every("dm.replace", settings.heartbeat_interval),
     "dm-scale": _every("dm.scale", max(settings.heartbeat_interval * 4, 2.0)),
     "dm-allocations": _every("dm.allocations", 15.0),
+    "dm-retention": _every("dm.retention", settings.retention_interval),
 }

@@ -14,7 +14,7 @@ from typing import Any
 
 from dm.errors import ConfigError, DMError, RegistryUnavailable, UnknownAlgorithm, UnknownDeployment
 from dm.models import FINAL_STATES, RUNNING
-from dm.settings import Settings
+from dm.settings import Settings, ensure_home, mask_url, read_stack_state
 from dm.status import node_rows
 
 #: exit codes
@@ -58,6 +58,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 def cmd_up(a: argparse.Namespace) -> int:
     from dm import launcher
 
+    os.umask(0o077)  # every file dm's processes write under DM_HOME is their owner's alone (0600)
     settings = _settings().with_(**({"min_nodes": a.nodes} if a.nodes is not None else {}))
     if settings.embedded and (settings.redis_url or settings.mongo_url):
         raise ConfigError("set both DM_REDIS_URL and DM_MONGO_URL, or neither (for the embedded stack)")
@@ -103,17 +104,56 @@ def cmd_down(a: argparse.Namespace) -> int:
 def cmd_node(a: argparse.Namespace) -> int:
     from workers.agent import main
 
-    rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
+    rest = node_env_file(a.rest[1:] if a.rest[:1] == ["--"] else a.rest)
+    os.umask(0o077)  # what the agent writes (logs, fence file, work dirs) is its owner's alone
+    ensure_home(_settings().home)
     return main(rest)
 
 
+def node_env_file(argv: list[str]) -> list[str]:
+    """``--env-file PATH`` (``-``: standard input) sets ``DM_*`` variables from ``KEY=value`` lines,
+    so credentials reach a node without being on its command line, where every user sees them.
+    Returns the other args (the URLs the file gives passed on in-process, not on a command line)."""
+    rest, path = list(argv), None
+    for i, arg in enumerate(rest):
+        if arg == "--env-file" and i + 1 < len(rest):
+            path = rest[i + 1]
+            del rest[i : i + 2]
+            break
+        if arg.startswith("--env-file="):
+            path = arg.partition("=")[2]
+            del rest[i]
+            break
+    if path is None:
+        return rest
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --env-file {path}: {exc.strerror or exc}") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.startswith("DM_"):
+            raise ConfigError(f"--env-file {path} line {number}: expected DM_NAME=value")
+        os.environ[key.strip()] = value.strip()
+    # dm.app read the environment when it was imported: the agent's --redis/--mongo update it
+    for flag, var in (("--redis", "DM_REDIS_URL"), ("--mongo", "DM_MONGO_URL")):
+        if os.environ.get(var) and flag not in rest:
+            rest += [flag, os.environ[var]]
+    return rest
+
+
 def cmd_algorithms_add(a: argparse.Namespace) -> int:
+    from dm.capacity import check_demand
     from dm.package import load_spec, pack
 
     ctl = _control()
     added = []
     for directory in _package_dirs(a.dirs):
         spec = load_spec(directory)
+        check_demand(spec.name, spec.demand, ctl.settings, ctl.registry)  # never-fitting demand: refused now
         archive, sha = pack(directory)
         doc = ctl.registry.add_algorithm(spec, archive, sha)
         added.append({"name": doc["name"], "version": doc["version"], "sha256": doc["sha256"], "size": doc["size"]})
@@ -297,15 +337,30 @@ def _print_event(e: dict[str, Any], as_json: bool) -> None:
               f"gen {row['generation']}: {row['reason']}", flush=True)  # fmt: skip
 
 
+def endpoints(settings: Settings) -> dict[str, str | None]:
+    """Where the system's servers are, passwords masked: the stores from the settings, Flower
+    and the metrics exporter as `dm up` recorded them (None: not known here)."""
+    recorded = read_stack_state(settings.home).get("endpoints") or {}
+    return {
+        "redis": mask_url(settings.redis_url) or None,
+        "mongo": mask_url(settings.mongo_url) or None,
+        "kafka": mask_url(settings.kafka_bootstrap) or None,
+        "flower": mask_url(recorded.get("flower") or "") or None,
+        "metrics": mask_url(recorded.get("metrics") or "") or None,
+    }
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     ctl = _control()
     nodes = [n for n in node_rows(ctl) if n["state"] != "stopped"]
     counts = ctl.registry.count_by_state()
     events = [_event_row(e) for e in ctl.registry.list_events(limit=a.events)]
+    where = endpoints(ctl.settings)
     if a.json:
-        _print_json({"nodes": nodes, "deployments": counts, "events": events})
+        _print_json({"endpoints": where, "nodes": nodes, "deployments": counts, "events": events})
         return EXIT_OK
-    print("NODES")
+    print("ENDPOINTS  " + "  ".join(f"{k}: {v or '-'}" for k, v in where.items()))
+    print("\nNODES")
     _table(nodes, ["name", "host", "state", "cpu", "ram", "load", "deployments"])
     print("\nDEPLOYMENTS  " + ("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "(none)"))
     print("\nLAST EVENTS")

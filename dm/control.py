@@ -73,7 +73,7 @@ class Control:
             nodes=self.registry,
             catalogue=self,
             fleet=RedisFleet(self.redis),
-            dispatcher=CeleryDispatcher(self.redis, self.settings.redis_url),
+            dispatcher=CeleryDispatcher(self.redis, self.settings),
             provider=NodeManager(self),
             is_outage=is_outage,
         )

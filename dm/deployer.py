@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from dm import balancer
-from dm.errors import InvalidArgs
+from dm.errors import NoCapacity
 from dm.lifecycle import ACTIVE, FINAL, WAITING, Actor, D, Effect, apply_effects, new_deployment, rule, transition
 from dm.models import AlgorithmSpec, Demand, DeployRequest
 from dm.package import validate_args
@@ -78,7 +78,7 @@ def check_fits(ports: Ports, demand: Demand) -> None:
     if any(demand.cpu <= cpus * limit + 1e-9 and demand.memory <= memory * limit + 1e-9 for cpus, memory in sizes):
         return
     cpus, memory = max(sizes)
-    raise InvalidArgs(
+    raise NoCapacity(
         f"the algorithm declares {demand.cpu:g} cpu and {demand.memory:g} MiB, more than any node can hold "
         f"under the {s.threshold:g}% threshold (the largest node has {cpus:g} cpu and {memory:g} MiB); "
         "lower `cpu`/`memory` in algorithm.toml, or run larger nodes (DM_NODE_CPUS, DM_NODE_MEMORY)"

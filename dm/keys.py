@@ -61,6 +61,8 @@ NODE_MANAGER_LOCK = "dm:lock:nodes"
 EVENTS_LOCK = "dm:lock:bridge-events"
 #: the one control worker whose relay copies events (dm.relay)
 RELAY_LOCK = "dm:lock:relay"
+#: held by the retention sweep (dm.retention), so two beats sweep once
+RETENTION_LOCK = "dm:lock:retention"
 #: held by one reconciler pass of a kind at a time (``{}`` is its name); short, never
 #: held while a node starts
 RECONCILE_LOCK = "dm:lock:reconcile:{}"

@@ -24,7 +24,7 @@ from dm import embedded, fleet, node_manager
 from dm.control import Control
 from dm.errors import ConfigError, DMError
 from dm.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
-from dm.settings import Settings, read_stack_state, stack_state_path
+from dm.settings import Settings, ensure_home, mask_url, read_stack_state, stack_state_path, write_private
 
 Say = Callable[[str], None]
 
@@ -37,7 +37,8 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in its own session (our Ctrl-C does not reach it), output to ``logs/<name>.log``."""
     logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"{name}.log", "ab") as out:
+    fd = os.open(logs / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # owner alone
+    with open(fd, "ab") as out:
         return subprocess.Popen(
             cmd,
             cwd=cwd,
@@ -71,7 +72,7 @@ def up(
     if existing and any(_alive(pid) for pid in _pids(existing)):
         raise ConfigError(f"dm is already running under {home} (pids in {stack_state_path(home)}); `dm down` first")
     flower_auth = flower_credentials(flower_address) if flower else None
-    home.mkdir(parents=True, exist_ok=True)
+    ensure_home(home)  # 0700: it holds the URLs, the signing key and the logs
     state: dict[str, Any] = {"home": str(home), "servers": {}, "processes": {}, "started_at": time.time()}
     stack = None
     try:
@@ -123,19 +124,23 @@ def up(
             node_id = node_manager.add_node(ctl.with_settings(max_nodes=max(settings.max_nodes, want)))
             say(f"  node-{node_id} starting")
         _wait_nodes(ctl, want, say)
-        urls = [f"redis {settings.redis_url}", f"mongo {settings.mongo_url}"]
-        urls += [f"kafka {settings.kafka_bootstrap}"] if settings.kafka_bootstrap else []
+        # printed for the operator: a password in a URL never is (mask_url)
+        urls = [f"redis {mask_url(settings.redis_url)}", f"mongo {mask_url(settings.mongo_url)}"]
+        urls += [f"kafka {mask_url(settings.kafka_bootstrap)}"] if settings.kafka_bootstrap else []
         if flower:
             _wait_port("flower", state["processes"]["flower"], flower_address, flower_port, logs)
             url = f"http://{flower_address}:{flower_port}"
             say(f"  flower at {url} (workers node-<id>@{socket.gethostname()}"
                 + (", password required)" if flower_auth else ")"))  # fmt: skip
             urls.append(f"flower {url}")
+            state.setdefault("endpoints", {})["flower"] = url
         if metrics_port is not None:
             _wait_port("metrics", state["processes"]["metrics"], metrics_address, metrics_port, logs)
             url = f"http://{metrics_address}:{metrics_port}/metrics"
             say(f"  metrics at {url}")
             urls.append(f"metrics {url}")
+            state.setdefault("endpoints", {})["metrics"] = url
+        _write(home, state)  # with the endpoints, for `dm status`
         say("ready: " + ", ".join(urls))
         return state
     except BaseException:
@@ -243,6 +248,4 @@ def _pids(state: dict[str, Any]) -> list[int]:
 
 
 def _write(home: Path, state: dict[str, Any]) -> None:
-    tmp = stack_state_path(home).with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(stack_state_path(home))
+    write_private(stack_state_path(home), json.dumps(state, indent=2))  # 0600: it holds the URLs

@@ -5,8 +5,8 @@ A package is a directory with an ``algorithm.toml`` at its root (read with tomll
     name = "hello"                   # required, ^[a-z0-9][a-z0-9_.-]{0,63}$
     version = "1.0.0"                # required; letters, digits and ._+- (semver fits)
     command = ["python", "main.py"]  # required, non-empty; paths relative to the package
-    cpu = 0.1                        # declared cores, > 0 (default 0.1)
-    memory = 64                      # declared MiB, > 0 (default 64)
+    cpu = 0.1                        # declared cores, > 0 and <= 1024 (default 0.1)
+    memory = 64                      # declared MiB, > 0 and <= 16 TiB (default 64)
     description = "..."              # optional
     args = ["name", "count"]         # optional: the allowed arg names (omit: any)
 
@@ -18,9 +18,13 @@ A package is a directory with an ``algorithm.toml`` at its root (read with tomll
 
     [restart]                        # optional
     policy = "on-failure"            # never | on-failure | always
-    max_restarts = 5                 # >= 0
-    backoff = 0.5                    # seconds before the first restart, doubled each time
-    backoff_max = 30.0               # cap on the delay, >= backoff
+    max_restarts = 5                 # 0 to 1000
+    backoff = 0.5                    # seconds before the first restart, doubled each time: 0.1 to 3600
+    backoff_max = 30.0               # cap on the delay, >= backoff, at most a day
+
+    [logs]                           # optional: rotation of the algorithm's log on its node
+    max_size = 10485760              # bytes it grows to before it is rotated (default DM_LOG_MAX_SIZE, 10 MiB)
+    keep = 3                         # rotated copies kept, <log>.1 ... (default DM_LOG_KEEP, 3)
 
     [env]                            # optional, string -> string; DM_* is reserved
     GREETING = "hi"
@@ -31,6 +35,11 @@ package too. An archive is a deterministic gzip tar (sorted, mtime 0, owner 0, n
 ``__pycache__``/``.pyc``/``.git``) named by its sha256. Unpacking refuses absolute
 paths, ``..``, links that escape, devices and fifos, and is atomic: a temp directory
 beside ``dest`` is renamed into place, so a failed unpack leaves nothing behind.
+
+Packing and unpacking alike hold an archive to :data:`MAX_MEMBERS` members, names of at
+most :data:`MAX_NAME_PART` bytes a component and :data:`MAX_NAME` in all, and
+:data:`MAX_DEPTH` directories deep; both stop at the first member past a bound, so a
+hostile archive costs no more to refuse than one at the limit.
 """
 
 from __future__ import annotations
@@ -62,6 +71,26 @@ SPEC_FILE = "algorithm.toml"
 MAX_ARCHIVE_BYTES = 64 * 1024 * 1024
 #: the largest total of file sizes in an archive (a gzip bomb stops here)
 MAX_UNPACKED_BYTES = 512 * 1024 * 1024
+#: the most members (files, directories, links) an archive may have
+MAX_MEMBERS = 10_000
+#: the longest component of a member's name, in UTF-8 bytes (what Linux file systems take)
+MAX_NAME_PART = 255
+#: the longest member name, in UTF-8 bytes
+MAX_NAME = 1024
+#: the most components in a member's name (a/b/c is 3)
+MAX_DEPTH = 32
+#: the largest declared demand: cores and MiB (16 TiB)
+MAX_CPU = 1024
+MAX_MEMORY = 16 * 1024 * 1024
+#: restart bounds: a backoff under the minimum restarts a crashing algorithm in a busy loop
+MAX_RESTARTS = 1000
+MIN_BACKOFF = 0.1
+MAX_BACKOFF = 3600.0
+MAX_BACKOFF_CAP = 86400.0
+#: bounds of ``[logs]``: the size a log is rotated at, and the rotated copies kept
+MIN_LOG_SIZE = 4096
+MAX_LOG_SIZE = 1 << 30
+MAX_LOG_KEEP = 100
 #: command[0] values the node resolves to its own interpreter
 INTERPRETERS = ("python", "python3")
 
@@ -83,9 +112,14 @@ def _match(pattern: str) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None
 
 
-def _positive(v: Any) -> bool:
-    number = isinstance(v, (int, float)) and not isinstance(v, bool)
-    return number and math.isfinite(v) and v > 0
+def _within(low: float, high: float, *, above: bool = False) -> Callable[[Any], bool]:
+    """A number in [low, high] ((low, high] when ``above``), never a bool, NaN or infinity."""
+
+    def check(v: Any) -> bool:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return number and (v > low if above else v >= low) and v <= high
+
+    return check
 
 
 def _strings(v: Any) -> bool:
@@ -105,26 +139,41 @@ def _properties(v: Any) -> bool:
     return len(dicts) == len(props) and all(p.get("type", "null") in _JSON_TYPES for p in dicts)
 
 
-_TABLES = ("restart", "args_schema")
+_TABLES = ("restart", "args_schema", "logs")
 _TEXT = (lambda v: isinstance(v, str), "must be a string")
 #: each field of algorithm.toml (tables dotted): its check and what it must be
 _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "name": (_match(r"[a-z0-9][a-z0-9_.-]{0,63}"), "must be 1-64 of a-z 0-9 _ . -"),
     "version": (_match(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}"), 'must be like "1.0.0"'),
     "command": (lambda v: _strings(v) and bool(v), 'must be like ["python", "main.py"]'),
-    "cpu": (_positive, "must be a number of cores > 0"),
-    "memory": (_positive, "must be a number of MiB > 0"),
+    "cpu": (_within(0, MAX_CPU, above=True), f"must be a number of cores > 0 and <= {MAX_CPU}"),
+    "memory": (_within(0, MAX_MEMORY, above=True), f"must be a number of MiB > 0 and <= {MAX_MEMORY} (16 TiB)"),
     "description": _TEXT,
     "args": (_strings, 'must be a list of arg names like ["name", "count"]'),
     "env": (_env, "must map names (letters, digits, _; not DM_*) to strings"),
     "restart": (lambda v: isinstance(v, dict), "must be a table: [restart]"),
     "restart.policy": (lambda v: v in RESTART_POLICIES, "must be never, on-failure or always"),
     "restart.max_restarts": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-        "must be a whole number >= 0",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_RESTARTS,
+        f"must be a whole number from 0 to {MAX_RESTARTS}",
     ),
-    "restart.backoff": (_positive, "must be a number of seconds > 0"),
-    "restart.backoff_max": (_positive, "must be a number of seconds > 0"),
+    "restart.backoff": (
+        _within(MIN_BACKOFF, MAX_BACKOFF),
+        f"must be a number of seconds from {MIN_BACKOFF:g} to {MAX_BACKOFF:g}",
+    ),
+    "restart.backoff_max": (
+        _within(MIN_BACKOFF, MAX_BACKOFF_CAP),
+        f"must be a number of seconds from {MIN_BACKOFF:g} to {MAX_BACKOFF_CAP:g} (a day)",
+    ),
+    "logs": (lambda v: isinstance(v, dict), "must be a table: [logs]"),
+    "logs.max_size": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and MIN_LOG_SIZE <= v <= MAX_LOG_SIZE,
+        f"must be a whole number of bytes from {MIN_LOG_SIZE} to {MAX_LOG_SIZE} (1 GiB)",
+    ),
+    "logs.keep": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOG_KEEP,
+        f"must be a whole number of rotated logs from 0 to {MAX_LOG_KEEP}",
+    ),
     "args_schema": (lambda v: isinstance(v, dict), "must be a table: [args_schema]"),
     "args_schema.type": (lambda v: v == "object", 'must be "object" (args are an object)'),
     "args_schema.properties": (
@@ -163,8 +212,11 @@ def pack(directory: Path) -> tuple[bytes, str]:
         gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
-        for path in _walk(root):
+        for count, path in enumerate(_walk(root), start=1):
             info = tarfile.TarInfo(path.relative_to(root).as_posix())
+            problem = _bounds_problem(info.name, count)
+            if problem:
+                raise BadPackage(f"{directory}: {_short(info.name)!r} {problem} ({_BOUNDS_HINT})")
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             st = path.lstat()
             mode = st.st_mode
@@ -337,6 +389,33 @@ def _walk(directory: Path) -> Iterator[Path]:
             yield from _walk(Path(entry.path))
 
 
+_BOUNDS_HINT = (
+    f"a package may hold at most {MAX_MEMBERS:,} files and directories, {MAX_DEPTH} levels deep, with names "
+    f"of at most {MAX_NAME_PART} bytes a component and {MAX_NAME} in all; keep data sets out of it"
+)
+
+
+def _bounds_problem(name: str, count: int) -> str | None:
+    """What is wrong with member number ``count`` named ``name`` (normalized), if anything."""
+    if count > MAX_MEMBERS:
+        return f"is member number {count:,}, past the limit of {MAX_MEMBERS:,}"
+    parts = name.split("/")
+    if len(parts) > MAX_DEPTH:
+        return f"is {len(parts)} levels deep, past the limit of {MAX_DEPTH}"
+    longest = max(len(part.encode("utf-8", "surrogateescape")) for part in parts)
+    if longest > MAX_NAME_PART:
+        return f"has a name component of {longest} bytes, past the limit of {MAX_NAME_PART}"
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME:
+        return f"has a name of {size} bytes, past the limit of {MAX_NAME}"
+    return None
+
+
+def _short(name: str, keep: int = 60) -> str:
+    """A name cut for a message: a 4,000-character path says nothing more than its start."""
+    return name if len(name) <= keep else f"{name[:keep]}... ({len(name)} characters)"
+
+
 def _open(data: bytes) -> tarfile.TarFile:
     if len(data) > MAX_ARCHIVE_BYTES:
         raise BadPackage(f"the archive passes {MAX_ARCHIVE_BYTES >> 20} MiB")
@@ -347,12 +426,19 @@ def _open(data: bytes) -> tarfile.TarFile:
 
 
 def _members(tar: tarfile.TarFile) -> list[tuple[str, tarfile.TarInfo]]:
-    """Each member with its normalized name ('./a//b' -> 'a/b')."""
+    """Each member with its normalized name ('./a//b' -> 'a/b'), read one at a time so that
+    an archive past a bound is refused at its first member past it, not after reading all."""
+    members: list[tuple[str, tarfile.TarInfo]] = []
     try:
-        members = tar.getmembers()
+        while (m := tar.next()) is not None:
+            name = "/".join(p for p in m.name.split("/") if p not in ("", "."))
+            problem = _bounds_problem(name or m.name, len(members) + 1)
+            if problem:
+                raise BadPackage(f"archive member {_short(m.name)!r} {problem}: refused ({_BOUNDS_HINT})")
+            members.append((name, m))
     except _CORRUPT as exc:
         raise BadPackage(f"the archive is truncated or corrupt: {exc}") from exc
-    return [("/".join(p for p in m.name.split("/") if p not in ("", ".")), m) for m in members]
+    return members
 
 
 def _check_members(
@@ -364,7 +450,7 @@ def _check_members(
     for name, m in members:
         problem = _member_problem(name, m, seen, links)
         if problem:
-            raise BadPackage(f"archive member {m.name!r} {problem}: refused as unsafe")
+            raise BadPackage(f"archive member {_short(m.name)!r} {problem}: refused as unsafe")
         seen[name] = m
     if sum(m.size for m in seen.values() if m.isreg()) > MAX_UNPACKED_BYTES:
         raise BadPackage(f"the archive unpacks to over {MAX_UNPACKED_BYTES >> 20} MiB")

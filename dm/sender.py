@@ -7,7 +7,7 @@ template that Celery's own ``as_task_v2`` made once per task (task protocol 2, J
 in the envelope of kombu's Redis transport: the worker gets what ``send_task(name,
 args, kwargs, queue=..., ignore_result=True)`` sends (a test holds the two side by
 side), minus the task-sent event (Flower shows the task once a worker receives it).
-Any other broker gets ``send_task``.
+Any other broker gets ``send_task``. Either way a ``dm.run`` goes out signed (dm/signing.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 
 import redis
 from celery import Celery
+
+from dm import signing
 
 #: a task to send: (task name, queue, args, kwargs, argsrepr or None)
 Order = tuple[str, str, Sequence[Any], dict[str, Any], str | None]
@@ -49,6 +51,7 @@ class TaskSender:
     def message(self, order: Order, task_id: str | None = None) -> bytes:
         """One task message, as kombu's Redis transport would write it."""
         task, queue, args, kwargs, argsrepr = order
+        args = signing.sign_order_args(task, list(args))
         headers, properties, embed = self._template(task)
         task_id = task_id or str(uuid.uuid4())
         body = json.dumps([list(args), kwargs, embed]).encode()
@@ -94,7 +97,8 @@ class TaskSender:
             return
         with self.app.producer_or_acquire() as producer:
             for task, queue, args, kwargs, argsrepr in orders:
+                signed = signing.sign_order_args(task, list(args))
                 self.app.send_task(
-                    task, args=list(args), kwargs=kwargs, queue=queue, producer=producer, ignore_result=True,
+                    task, args=signed, kwargs=kwargs, queue=queue, producer=producer, ignore_result=True,
                     argsrepr=argsrepr,
                 )  # fmt: skip

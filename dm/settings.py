@@ -1,15 +1,28 @@
-"""Settings: flag, then ``DM_*`` environment variable, then ``celeryconfig.py``, then default."""
+"""Settings: flag, then ``DM_*`` environment variable, then ``celeryconfig.py``, then default.
+
+Also the one helper that keeps passwords out of what dm prints and logs: :func:`mask_url`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from dm import constants as c
 from dm.errors import ConfigError
+
+#: seconds finished deployments, dead nodes and node files are kept (DM_RETENTION): 7 days
+DEFAULT_RETENTION = 7 * 86400.0
+#: seconds between two retention sweeps (beat) and two housekeeping rounds on a node
+RETENTION_INTERVAL = 60.0
+#: bytes an algorithm's log grows to before it is rotated, and the rotated files kept
+DEFAULT_LOG_MAX_SIZE = 10 * 1024 * 1024
+DEFAULT_LOG_KEEP = 3
 
 
 def _home() -> Path:
@@ -43,6 +56,17 @@ class Settings:
     node_stop_command: str = ""
     #: provider ``command``: the hosts to start nodes on, comma- or space-separated
     node_hosts: str = ""
+    #: the key that signs run and kill orders (dm/signing.py); empty: DM_HOME/signing.key
+    signing_key: str = field(default="", repr=False)
+    #: seconds finished deployments, their events, dead nodes and node files are kept
+    #: (DM_RETENTION takes seconds or a number with s, m, h or d: "7d")
+    retention: float = DEFAULT_RETENTION
+    #: seconds between two retention sweeps (beat) and two pruning rounds on a node
+    retention_interval: float = RETENTION_INTERVAL
+    #: bytes an algorithm's log may grow to before it is rotated (per algorithm: ``[logs] max_size``)
+    log_max_size: int = DEFAULT_LOG_MAX_SIZE
+    #: rotated logs kept beside the current one (per algorithm: ``[logs] keep``)
+    log_keep: int = DEFAULT_LOG_KEEP
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -70,6 +94,11 @@ class Settings:
             )
         return settings
 
+    def __repr__(self) -> str:  # the dataclass's own would show passwords in URLs and the signing key
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        shown.update({k: mask_url(v) for k, v in shown.items() if k.endswith(("_url", "_bootstrap"))})
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     def to_env(self) -> dict[str, str]:
         """These settings as ``DM_*`` variables, for the processes dm starts."""
         return {f"DM_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) != ""}
@@ -91,6 +120,24 @@ class Settings:
             )
 
 
+def ensure_home(home: Path) -> Path:
+    """Make ``home`` (DM_HOME) if needed, readable by its owner alone (0700): it holds the
+    stack's URLs, the signing key and the logs."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if home.stat().st_uid == os.getuid():
+        home.chmod(0o700)
+    return home
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by its owner alone (0600 from the start)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def stack_state_path(home: Path) -> Path:
     return home / "stack.json"
 
@@ -104,9 +151,49 @@ def read_stack_state(home: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+#: seconds per unit of a duration like "7d"
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(raw: Any) -> float:
+    """Seconds from a number or a string like ``"90"``, ``"30m"``, ``"7d"``."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*", str(raw).lower())
+    if not found:
+        raise ValueError(f"not a duration: {raw!r} (give seconds, or a number with s, m, h or d)")
+    return float(found[1]) * _UNITS[found[2]]
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (``redis://:***@host:6379/0``), for
+    anything dm prints or logs; a URL without a password is returned as it is. Several
+    comma-separated URLs (Kafka bootstrap lists, MongoDB seed lists) are masked each."""
+    if not url or ("@" not in url and "password" not in url.lower()):
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+    if "@" not in parts.netloc:
+        return urlunsplit(parts._replace(query=_mask_query(parts.query)))
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    # a lone userinfo is a user name to MongoDB (x.509), but may be a password elsewhere
+    masked = f"{user}:***" if colon else (userinfo if parts.scheme.startswith("mongodb") else "***")
+    return urlunsplit((parts.scheme, f"{masked}@{hosts}", parts.path, _mask_query(parts.query), parts.fragment))
+
+
+def _mask_query(query: str) -> str:
+    """Passwords passed as query options (``?password=...``, ``tlsCertificateKeyFilePassword``)."""
+    return re.sub(r"((?:^|&)[^=&]*password[^=&]*=)[^&]*", r"\1***", query, flags=re.IGNORECASE)
+
+
 def _coerce(name: str, kind: Any, raw: Any) -> Any:
     kind = str(kind)
     try:
+        if name in ("retention", "retention_interval"):
+            return parse_duration(raw)
         if "float" in kind:
             return float(raw)
         if "int" in kind:

@@ -9,7 +9,7 @@ from pymongo.errors import PyMongoError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dm import constants as c
-from dm import deployer, reconcilers, relay
+from dm import deployer, reconcilers, relay, retention
 from dm.app import app
 from dm.control import get_control
 from dm.errors import RegistryUnavailable
@@ -80,6 +80,12 @@ def scale() -> dict[str, Any]:
 @app.task(name="dm.allocations", acks_late=False, ignore_result=True)
 def allocations() -> dict[str, Any]:
     return reconcilers.allocations.run(get_control().ports)
+
+
+@app.task(name="dm.retention", acks_late=False, ignore_result=True)
+def retention_sweep() -> dict[str, Any]:
+    """Forget finished deployments, their events and gone nodes past DM_RETENTION (dm/retention.py)."""
+    return retention.sweep(get_control())
 
 
 @signals.worker_ready.connect

@@ -47,7 +47,9 @@ class Cluster:
     def __init__(self, net: TestNet, servers: BoundServers, home: Path, **settings: Any) -> None:
         self.net = net
         self.servers = servers
-        self.system = System(servers.redis_url, servers.mongo_url, home, lease_ttl=LEASE, **settings)
+        # hosts share no DM_HOME, so no signing.key file: the key goes in the environment, as in production
+        key = "multihost-test-signing-key"
+        self.system = System(servers.redis_url, servers.mongo_url, home, lease_ttl=LEASE, signing_key=key, **settings)
         self.agents: list[subprocess.Popen[bytes]] = []
 
     def start_node(self, host: TestHost, *args: str) -> subprocess.Popen[bytes]:

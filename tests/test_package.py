@@ -3,6 +3,7 @@ and the example algorithms run as the node runs them. No servers needed."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +220,93 @@ def test_unpack_refuses_unsafe_members_and_leaves_nothing(
     assert not (tmp_path / "evil").exists() and not (tmp_path / "x").exists()
 
 
+def many_members_tar(count: int) -> bytes:
+    """A gzip tar of algorithm.toml and ``count`` empty files, built in memory from one
+    header template (TarInfo.tobuf per member would take seconds for 200,000)."""
+    toml = tarfile.TarInfo(OK_FILE[0])
+    toml.size = len(OK_FILE[2])
+    raw = bytearray(toml.tobuf(tarfile.USTAR_FORMAT) + OK_FILE[2].ljust(512, b"\0"))
+    template = bytearray(tarfile.TarInfo("").tobuf(tarfile.USTAR_FORMAT))
+    template[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
+    base = sum(template)
+    for i in range(count):
+        name = f"data/{i}".encode()
+        block = bytearray(template)
+        block[: len(name)] = name
+        block[148:156] = b"%06o\0 " % (base + sum(name))
+        raw += block
+    return gzip.compress(bytes(raw + b"\0" * 1024), compresslevel=1, mtime=0)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (lambda: many_members_tar(200_000), "is member number 10,001, past the limit of 10,000"),
+        (lambda: make_tar(OK_FILE, ("x" * 300, None, b"")), "has a name component of 300 bytes, past the limit of 255"),
+        (lambda: make_tar(OK_FILE, ("/".join(["d"] * 2000), None, b"")), "is 2000 levels deep, past the limit of 32"),
+        (lambda: make_tar(OK_FILE, ("/".join(["d" * 200] * 6), None, b"")), "has a name of 1205 bytes"),
+    ],
+    ids=["200k-members", "300-char-name", "2000-deep", "long-path"],
+)
+def test_unpack_and_read_refuse_archives_past_the_bounds(tmp_path: Path, data: Any, message: str) -> None:
+    archive = data()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with pytest.raises(BadPackage, match=message) as caught:
+        unpack(archive, cache / "pkg")
+    assert "keep data sets out of it" in str(caught.value)  # says what to do
+    assert len(str(caught.value)) < 500  # a 4,000-character name is cut in the message
+    assert os.listdir(cache) == []  # nothing stored, not even a temp dir
+    with pytest.raises(BadPackage, match=message):
+        read_spec_from_archive(archive)
+
+
+def test_unpack_accepts_an_archive_at_the_bounds(tmp_path: Path) -> None:
+    deep = "/".join(["d"] * (package.MAX_DEPTH - 1)) + "/" + "f" * 200
+    data = make_tar(OK_FILE, ("main.py", None, b""), (deep, None, b"x"))
+    assert (unpack(data, tmp_path / "pkg") / deep).read_bytes() == b"x"
+    unpack(many_members_tar(package.MAX_MEMBERS - 1), tmp_path / "many")
+    assert len(os.listdir(tmp_path / "many" / "data")) == package.MAX_MEMBERS - 1
+
+
+@contextmanager
+def _deep_dirs(root: Path, depth: int) -> Iterator[None]:
+    """``depth`` nested directories ``a/a/...`` under ``root`` for the block, made and removed
+    relative to open directories (the whole path passes PATH_MAX, and shutil.rmtree recurses
+    past Python's limit on it)."""
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        for _ in range(depth):
+            os.mkdir("a", dir_fd=fds[-1])
+            fds.append(os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        yield
+    finally:
+        os.close(fds.pop())
+        while fds:
+            os.rmdir("a", dir_fd=fds[-1])
+            os.close(fds.pop())
+
+
+def test_pack_refuses_a_package_past_the_bounds(tmp_path: Path) -> None:
+    # Given packages past each bound on disk (a 300-byte name cannot exist on Linux file systems)
+    many = make_package(tmp_path / "many")
+    (many / "data").mkdir()
+    for i in range(package.MAX_MEMBERS):
+        (many / "data" / str(i)).touch()
+    deep = make_package(tmp_path / "deep")
+    long = make_package(tmp_path / "long")
+    (long / "/".join(["d" * 200] * 6)).mkdir(parents=True)
+    with _deep_dirs(deep, 2000):
+        # Then each is refused, naming the bound (so nothing reaches the registry)
+        for directory, message in [
+            (many, "past the limit of 10,000"),
+            (deep, "is 33 levels deep, past the limit of 32"),
+            (long, "has a name of 1205 bytes, past the limit of 1024"),
+        ]:
+            with pytest.raises(BadPackage, match=message):
+                pack(directory)
+
+
 def test_unpack_accepts_safe_links(tmp_path: Path) -> None:
     data = make_tar(
         OK_FILE,
@@ -309,17 +398,22 @@ def test_defaults(tmp_path: Path) -> None:
         ({"command": '["run.sh"]'}, "'command' runs 'run.sh', which is not in the package"),
         ({"command": '["python", "nope.py"]'}, "'nope.py', which is not in the package"),
         ({"command": '["../main.py"]'}, "'../main.py', which is not in the package"),
-        ({"cpu": "0"}, "'cpu' must be a number of cores > 0, got 0"),
+        ({"cpu": "0"}, "'cpu' must be a number of cores > 0 and <= 1024, got 0"),
         ({"cpu": "-1.5"}, "'cpu' must be a number of cores > 0"),
-        ({"cpu": '"abc"'}, "'cpu' must be a number of cores > 0, got 'abc'"),
-        ({"cpu": "true"}, "'cpu' must be a number of cores > 0, got True"),
+        ({"cpu": '"abc"'}, "'cpu' must be a number of cores > 0 and <= 1024, got 'abc'"),
+        ({"cpu": "true"}, "'cpu' must be a number of cores > 0 and <= 1024, got True"),
+        ({"cpu": "1025"}, "'cpu' must be a number of cores > 0 and <= 1024, got 1025"),
+        ({"memory": "1e12"}, "'memory' must be a number of MiB > 0 and <= 16777216 (16 TiB)"),
         ({"cpu": "nan"}, "'cpu' must be a number of cores > 0"),
         ({"memory": "0"}, "'memory' must be a number of MiB > 0"),
         ({"cpus": "1"}, "unknown field 'cpus'"),
         ({"args": '"name"'}, "'args' must be a list of arg names"),
         ({"restart": '{policy = "sometimes"}'}, "'restart.policy' must be never, on-failure or always"),
-        ({"restart": "{max_restarts = -1}"}, "'restart.max_restarts' must be a whole number >= 0"),
-        ({"restart": "{backoff = 0}"}, "'restart.backoff' must be a number of seconds > 0"),
+        ({"restart": "{max_restarts = -1}"}, "'restart.max_restarts' must be a whole number from 0 to 1000"),
+        ({"restart": "{max_restarts = 1001}"}, "'restart.max_restarts' must be a whole number from 0 to 1000"),
+        ({"restart": "{backoff = 0}"}, "'restart.backoff' must be a number of seconds from 0.1 to 3600"),
+        ({"restart": "{backoff = 0.01}"}, "'restart.backoff' must be a number of seconds from 0.1 to 3600"),
+        ({"restart": "{backoff_max = 1e9}"}, "'restart.backoff_max' must be a number of seconds from 0.1 to 86400"),
         ({"restart": "{backoff = 2, backoff_max = 1}"}, "'restart.backoff_max' must be >= 'restart.backoff'"),
         ({"restart": "{retries = 1}"}, "unknown field 'restart.retries'"),
         ({"restart": '"always"'}, "'restart' must be a table"),

@@ -34,7 +34,7 @@ from dm.control import Control
 from dm.lifecycle import Actor, set_node_state, transition
 from dm.models import ACTIVE_STATES, LOST, STOPPED, STOPPING
 from dm.settings import Settings
-from workers import tasks, watchdog
+from workers import housekeeping, tasks, watchdog
 from workers.metrics import HostSampler, Presence, Publisher, TreeSampler, host_capacity, lease_client
 from workers.supervisor import Supervisor
 
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     _until_reachable("MongoDB", lambda: ctl.registry.upsert_node(node_id, **record))
     supervisor = Supervisor(ctl, node_id)
     supervisor.start()
+    housekeeping.start(supervisor, settings)  # log rotation, pruning past DM_RETENTION
     tasks.supervisor = supervisor
     sampler = HostSampler() if args.host_wide else TreeSampler(cpus, memory)
 

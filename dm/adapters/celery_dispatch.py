@@ -13,10 +13,11 @@ from typing import Any
 import redis
 
 from dm import constants as c
-from dm import fleet
+from dm import fleet, signing
 from dm.models import Demand
 from dm.ports import Lock
 from dm.sender import Order, TaskSender
+from dm.settings import Settings
 
 Doc = dict[str, Any]
 
@@ -60,9 +61,10 @@ def sender() -> TaskSender:
 
 
 class CeleryDispatcher:
-    def __init__(self, r: redis.Redis, redis_url: str) -> None:
+    def __init__(self, r: redis.Redis, settings: Settings) -> None:
         self.r = r
-        self.redis_url = redis_url
+        self.settings = settings
+        self.redis_url = settings.redis_url
 
     def run(self, doc: Doc, demand: Demand | None, lock: Lock | None) -> None:
         from dm.app import app
@@ -82,7 +84,8 @@ class CeleryDispatcher:
         from dm.app import app
 
         queue = c.NODE_QUEUE_PREFIX + str(doc["node"])
-        app.send_task("dm.kill", args=[doc["_id"], doc["generation"], reason], queue=queue)
+        kill = signing.kill_args(doc["_id"], doc["generation"], reason, self.settings)  # signed: dm/signing.py
+        app.send_task("dm.kill", args=kill, queue=queue)
 
     def place_later(self, dep_id: str) -> None:
         from dm.app import app

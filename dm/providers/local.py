@@ -31,7 +31,8 @@ class LocalProvider:
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **s.to_env()}
         cmd = [sys.executable, "-m", "workers", "--id", node_id, "--cpus", str(cpus), "--memory", str(memory)]
-        with open(logs / f"node-{node_id}.log", "ab") as out:
+        # the URLs and the signing key go in the environment, never on the command line
+        with open(os.open(logs / f"node-{node_id}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )

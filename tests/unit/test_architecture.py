@@ -49,5 +49,5 @@ def test_lua_scripts_are_files_loaded_once() -> None:
     fleet = source(ROOT / "dm" / "fleet.py")
     assert "redis.call(" not in fleet
     assert sorted(p.name for p in (ROOT / "dm" / "lua").glob("*.lua")) == [
-        "allocate.lua", "decide.lua", "node.lua", "release.lua", "snapshot.lua", "unlock.lua"
+        "allocate.lua", "decide.lua", "index.lua", "node.lua", "release.lua", "snapshot.lua", "unlock.lua"
     ]  # fmt: skip

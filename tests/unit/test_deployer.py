@@ -6,7 +6,7 @@ import pytest
 
 from dm import deployer
 from dm.adapters.memory import MemoryPorts
-from dm.errors import InvalidArgs, UnknownAlgorithm
+from dm.errors import InvalidArgs, NoCapacity, UnknownAlgorithm
 from dm.models import DeployRequest
 
 
@@ -58,7 +58,7 @@ def test_at_max_nodes_nothing_is_added(ports: MemoryPorts) -> None:
 
 def test_a_demand_no_node_can_hold_is_refused_naming_the_node_size(ports: MemoryPorts) -> None:
     ports.catalogue.add("huge", cpu=64, memory=512)
-    with pytest.raises(InvalidArgs, match=r"64 cpu.*largest node has 1 cpu and 1024 MiB"):
+    with pytest.raises(NoCapacity, match=r"64 cpu.*largest node has 1 cpu and 1024 MiB"):
         deploy(ports, "huge")
     assert ports.store.docs == {} and ports.provider.started == []
 
