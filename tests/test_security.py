@@ -17,6 +17,7 @@ import pytest
 from dm import constants as c
 from dm import deployer, signing
 from dm import keys as k
+from dm.adapters.celery_dispatch import run_payload
 from dm.app import app
 from dm.models import DeployRequest
 from dm.sender import TaskSender
@@ -85,7 +86,7 @@ def test_a_forged_run_order_starts_nothing_and_a_genuine_one_runs(make_system, t
     algorithm = ctl.registry.get_algorithm("service")
     doc, _ = ctl.registry.create_deployment(DeployRequest("service"), algorithm, node=node_id, reason="test")
     marker = tmp_path / "pwned"
-    evil = {**deployer.run_payload(doc), "command": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]}
+    evil = {**run_payload(doc), "command": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]}
     sender = TaskSender(app)
     queue = c.NODE_QUEUE_PREFIX + node_id
     node_hash = k.NODE.format(node_id)
@@ -93,7 +94,7 @@ def test_a_forged_run_order_starts_nothing_and_a_genuine_one_runs(make_system, t
     # When forged orders are pushed straight onto its queue: unsigned, signed with another key,
     # and a genuine signature over a changed command
     other = system.settings.with_(signing_key="someone else's key, long enough")
-    genuine_sig = signing.sign(deployer.run_payload(doc), system.settings)["sig"]
+    genuine_sig = signing.sign(run_payload(doc), system.settings)["sig"]
     for forged in [evil, signing.sign(evil, other), {**evil, "sig": genuine_sig}]:
         system.ctl.redis.lpush(sender.key(queue), _forged_message(sender, queue, forged))
 
@@ -106,7 +107,7 @@ def test_a_forged_run_order_starts_nothing_and_a_genuine_one_runs(make_system, t
     assert not marker.exists()
 
     # When the control plane sends the genuine order
-    deployer.dispatch(doc)
+    system.ctl.ports.dispatcher.run(doc, None, None)
 
     # Then it runs the command it recorded
     running = system.wait_state(doc["_id"], "running", timeout=60)
@@ -117,7 +118,7 @@ def test_a_forged_run_order_starts_nothing_and_a_genuine_one_runs(make_system, t
     app.send_task("dm.kill", args=[doc["_id"], 1, "forged"], queue=queue)
     wait_for(lambda: system.ctl.redis.hget(node_hash, "refused_orders") == "4", 30, what="the forged kill refused")
     assert ctl.registry.get_deployment(doc["_id"])["state"] == "running"
-    deployer.stop(ctl, doc["_id"])
+    deployer.stop(ctl.ports, doc["_id"])
     assert system.wait_state(doc["_id"], "stopped", timeout=60)["state"] == "stopped"
 
 
