@@ -351,15 +351,20 @@ def endpoints(settings: Settings) -> dict[str, str | None]:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
+    from dm import health
+
     ctl = _control()
     nodes = [n for n in node_rows(ctl) if n["state"] != "stopped"]
     counts = ctl.registry.count_by_state()
     events = [_event_row(e) for e in ctl.registry.list_events(limit=a.events)]
     where = endpoints(ctl.settings)
+    store = health.control_store(ctl)
     if a.json:
-        _print_json({"endpoints": where, "nodes": nodes, "deployments": counts, "events": events})
+        _print_json({"endpoints": where, "control_store": store, "nodes": nodes, "deployments": counts,
+                     "events": events})  # fmt: skip
         return EXIT_OK
     print("ENDPOINTS  " + "  ".join(f"{k}: {v or '-'}" for k, v in where.items()))
+    print("CONTROL STORE  " + health.summary(store))
     print("\nNODES")
     _table(nodes, ["name", "host", "state", "cpu", "ram", "load", "deployments"])
     print("\nDEPLOYMENTS  " + ("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "(none)"))

@@ -38,7 +38,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 
-from dm import keys
+from dm import health, keys
 from dm.control import Control
 from dm.errors import DMError
 from dm.models import FINAL_STATES, LOST, PENDING, RESTARTING, RUNNING, SCHEDULED, STATES
@@ -161,6 +161,15 @@ class DMCollector:
         if last is not None:
             help_ = "Seconds since the last completed heartbeat check"
             families.append(GaugeMetricFamily("dm_heartbeat_check_lag_seconds", help_, value=now - float(str(last))))
+        store = health.control_store(self.ctl, now)
+        outage = store.get("last_outage")
+        if outage:
+            families.append(GaugeMetricFamily("dm_control_store_last_outage_seconds",
+                                              "How long the last Redis outage or stall the detector saw lasted",
+                                              value=outage["seconds"]))  # fmt: skip
+        families.append(GaugeMetricFamily("dm_nodes_in_grace", "Nodes whose lease lapsed while the control "
+                                          "plane was blind: no verdict on them until the grace ends",
+                                          value=len(store.get("nodes_in_grace") or [])))  # fmt: skip
         return families
 
 

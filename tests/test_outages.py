@@ -3,6 +3,7 @@ empty server on the same address, kill nothing and run nothing twice."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dm import keys as k
-from dm.embedded import Server, start_redis
+from dm.embedded import Server, start_mongo, start_redis
 from tests.ledger import instances, overlaps
 from tests.system import System, alive, wait_for
 
@@ -72,6 +73,9 @@ def test_redis_stalled_5s_kills_nothing(stack, private_redis, tmp_path):
         detector_pass_after(system, resumed + system.settings.lease_ttl + 1)
         assert_untouched(system, ledger, before)
         assert all(n["state"] == "up" for n in system.ctl.registry.list_nodes())
+        # and `dm status` tells of the stall
+        shown = json.loads(system.dm("status", "--json").stdout)["control_store"]
+        assert shown["redis"] == "reachable" and shown["last_outage"]["seconds"] >= 4.5, shown
     finally:
         os.kill(private_redis[0].pid, signal.SIGCONT)
         system.stop()
@@ -102,3 +106,35 @@ def test_redis_replaced_by_an_empty_server_kills_nothing_and_deploys_work(stack,
             assert dep_id in system.ctl.redis.hkeys(k.ALLOC.format(doc["node"]))
     finally:
         system.stop()
+
+
+def test_mongodb_away_30s_touches_nothing_running_and_a_deploy_made_meanwhile_is_served(stack, tmp_path):
+    # Given six services on three nodes, with a MongoDB of this test's own
+    mongo = start_mongo(tmp_path / "mongo-home")
+    redis = [start_redis(tmp_path / "redis-home")]
+    system = System(redis[0].url, mongo.url, tmp_path / "home")
+    try:
+        system.start(nodes=3)
+        system.add_examples("service", "hello")
+        ledger = tmp_path / "ledger"
+        deps = [system.deploy("service", args={"interval": 0.1, "ledger": str(ledger)}) for _ in range(6)]
+        before = {d["id"]: system.wait_state(d["id"], "running", timeout=60) for d in deps}
+
+        # When MongoDB is away for 30 s (the same data when it comes back), and a deploy arrives meanwhile
+        port = mongo.port
+        mongo.stop()
+        from dm import deploy
+
+        during = deploy.delay("hello")  # accepted: the task waits in Redis; recorded once MongoDB answers
+        time.sleep(30)  # the outage itself
+        mongo = start_mongo(tmp_path / "mongo-home", port=port)
+
+        # Then the deploy made meanwhile is recorded and served, and nothing running was touched
+        hello = during.get(timeout=120)
+        assert system.wait_state(hello["id"], "succeeded", "failed", timeout=60)["state"] == "succeeded"
+        detector_pass_after(system, time.time() + 1)
+        assert_untouched(system, ledger, before)
+    finally:
+        system.stop()
+        mongo.stop()
+        redis[0].stop()

@@ -141,6 +141,9 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
     detector = {"server": obs.server_id, "seen": repr(now)}
     if v.blind_until != float(obs.detector.get("blind_until") or 0.0):
         detector["blind_until"] = repr(v.blind_until)
+    if v.blind_reason:  # what `dm status` and the metrics show of the control store's health
+        seen = float(obs.detector.get("seen") or now)
+        detector.update(outage_at=repr(seen), outage_seconds=repr(round(now - seen, 3)), outage=v.blind_reason)
     f.set_marks(k.DETECTOR, detector)
     moved = sum(fail_over(ports, node_id, reason) for node_id, reason in sorted(v.dead.items()))
     f.put(k.HEARTBEAT_LAST, repr(time.time()))
