@@ -67,14 +67,14 @@ def _placing(ports: Ports, demand: Demand) -> Iterator[tuple[Lock, str | None, s
 
 
 def check_fits(ports: Ports, demand: Demand) -> None:
-    """Refuse a demand no node of this fleet can ever hold (a node the provider starts, or
-    the largest registered one), with a message that names the node size."""
+    """Refuse a demand no node the provider starts can ever hold, with a message that names
+    the node size. A provider that starts no nodes (``static``) refuses nothing: an operator
+    may start a bigger node by hand, and a deployment that waits for it holds up no other."""
     s = ports.settings
+    if not ports.provider.starts_nodes:
+        return
     limit = s.threshold / 100.0
-    sizes = [(s.node_cpus, s.node_memory)] if ports.provider.starts_nodes else []
-    sizes += [(n.cpus, n.memory) for n in ports.fleet.snapshot(s.reservation_settle)]
-    if not sizes:
-        return  # no node known yet: it waits
+    sizes = [(s.node_cpus, s.node_memory)] + [(n.cpus, n.memory) for n in ports.fleet.snapshot(s.reservation_settle)]
     if any(demand.cpu <= cpus * limit + 1e-9 and demand.memory <= memory * limit + 1e-9 for cpus, memory in sizes):
         return
     cpus, memory = max(sizes)

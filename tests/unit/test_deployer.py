@@ -100,3 +100,12 @@ def test_placing_a_deployment_that_is_not_waiting_changes_nothing(ports: MemoryP
 def test_public_shows_plain_values(ports: MemoryPorts) -> None:
     shown = deployer.public(deploy(ports))
     assert type(shown["state"]) is str and shown["id"]
+
+
+def test_a_provider_that_starts_no_nodes_lets_a_big_demand_wait_for_a_bigger_node(ports: MemoryPorts) -> None:
+    ports.provider.starts_nodes = False
+    ports.catalogue.add("huge", cpu=3, memory=512)
+    waiting = deploy(ports, "huge")
+    assert waiting["state"] == "pending"
+    ports.add_node("9", cpus=8, memory=4096)  # started by hand
+    assert deployer.place(ports, waiting["_id"])["node"] == "9"
