@@ -31,7 +31,14 @@ SIZED_PROVIDERS = ("local", "command")
 
 
 def largest_node(settings: Settings, registry: Registry | None = None) -> tuple[float, float] | None:
-    """(cpus, memory MiB) of the largest node the provider can start or has, or None if unknown."""
+    """(cpus, memory MiB) of the largest node the provider can start or has (by cpu, then
+    memory), or None if unknown."""
+    sizes = node_sizes(settings, registry)
+    return max(sizes) if sizes else None
+
+
+def node_sizes(settings: Settings, registry: Registry | None = None) -> list[tuple[float, float]]:
+    """The (cpus, memory MiB) of each kind of node the provider can start or has."""
     sizes: list[tuple[float, float]] = []
     if settings.provider in SIZED_PROVIDERS:
         sizes.append((settings.node_cpus, settings.node_memory))
@@ -43,20 +50,15 @@ def largest_node(settings: Settings, registry: Registry | None = None) -> tuple[
         if registry is not None:
             nodes = registry.list_nodes(["starting", "up", "stopping", "dead"])
             sizes += [(float(n["cpus"]), float(n["memory"])) for n in nodes if n.get("cpus") and n.get("memory")]
-    if not sizes:
-        return None
-    # the largest by cpu, then memory: the node a demand would be measured against
-    return max(sizes)
+    return sorted(set(sizes))
 
 
 def check_demand(name: str, demand: Demand, settings: Settings, registry: Registry | None = None) -> None:
     """Raise NoCapacity, naming the node size, when ``demand`` fits no node the provider can have."""
-    largest = largest_node(settings, registry)
-    if largest is None:
+    sizes = node_sizes(settings, registry)
+    if not sizes or any(fits(NodeView("empty", "up", *size), demand, settings.threshold) for size in sizes):
         return
-    cpus, memory = largest
-    if fits(NodeView("largest", "up", cpus, memory), demand, settings.threshold):
-        return
+    cpus, memory = max(sizes)
     share = settings.threshold / 100
     over = [f"{demand.cpu:g} cpu"] if demand.cpu > cpus * share + 1e-9 else []
     over += [f"{demand.memory:g} MiB"] if demand.memory > memory * share + 1e-9 else []

@@ -146,11 +146,14 @@ def node_env_file(argv: list[str]) -> list[str]:
 
 
 def cmd_algorithms_add(a: argparse.Namespace) -> int:
-    from dm.capacity import check_demand
+    from dm.capacity import check_demand, largest_node
     from dm.package import load_spec, pack
 
     ctl = _control()
     added = []
+    if largest_node(ctl.settings, ctl.registry) is None:
+        print(f"dm: note: provider {ctl.settings.provider!r} has no node registered yet, so no algorithm's "
+              "cpu and memory can be checked against a node size now", file=sys.stderr)  # fmt: skip
     for directory in _package_dirs(a.dirs):
         spec = load_spec(directory)
         check_demand(spec.name, spec.demand, ctl.settings, ctl.registry)  # never-fitting demand: refused now

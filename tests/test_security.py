@@ -309,3 +309,28 @@ def test_the_command_provider_keeps_urls_off_command_lines_logs_and_errors(
     assert caplog.records and not [
         r for r in caplog.records if REDIS_PW in r.getMessage() or MONGO_PW in r.getMessage()
     ]
+
+
+def test_largest_node_per_provider(stack: Any, tmp_path: Path) -> None:
+    from dm.capacity import check_demand, largest_node
+    from dm.errors import NoCapacity
+    from dm.models import Demand
+
+    system = System(stack.redis_url, stack.mongo_url, tmp_path / "home", node_cpus=2, node_memory=2048)
+    try:
+        registry, settings = system.ctl.registry, system.settings
+        static, command = settings.with_(provider="static"), settings.with_(provider="command")
+        assert largest_node(settings, registry) == (2, 2048)
+        assert largest_node(static, registry) is None  # unknown: nothing is refused
+        check_demand("x", Demand(cpu=500, memory=1), static, registry)
+        registry.upsert_node("1", state="up", cpus=8, memory=1024)
+        registry.upsert_node("2", state="stopped", cpus=64, memory=65536)  # gone: not counted
+        assert largest_node(static, registry) == (8, 1024)
+        assert largest_node(command, registry) == (8, 1024)
+        assert largest_node(settings, registry) == (2, 2048)  # local: the size it starts
+        check_demand("x", Demand(cpu=6.4, memory=800), static, registry)  # 80% of the largest fits
+        check_demand("x", Demand(cpu=1, memory=1600), command, registry)  # on a node of the configured size
+        with pytest.raises(NoCapacity, match=r"x declares 900 MiB, but the largest node provider 'static' has"):
+            check_demand("x", Demand(cpu=1, memory=900), static, registry)
+    finally:
+        system.stop()
