@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 
@@ -141,6 +141,8 @@ class DMCollector:
             "load": GaugeMetricFamily("dm_node_load", "Placement load 1/(1/cpu + 1/ram)", labels=labels),
             "deployments": GaugeMetricFamily("dm_node_deployments", "Deployments placed on the node", labels=labels),
         }
+        refused = CounterMetricFamily("dm_node_refused_orders", "Orders a node refused for a missing or wrong "
+                                      "signature", labels=labels)  # fmt: skip
         nodes = GaugeMetricFamily("dm_nodes", "Nodes by state (stopped ones left out)", labels=["state"])
         by_state = dict.fromkeys(NODE_STATES, 0)
         for row in rows:
@@ -150,13 +152,14 @@ class DMCollector:
                 state.add_metric([node, host, name], 1.0 if name == current else 0.0)
             for key, family in gauges.items():
                 family.add_metric([node, host], float(row[key]))
+            refused.add_metric([node, host], float(row.get("refused_orders") or 0))
         for name, count in by_state.items():
             nodes.add_metric([name], count)
         deployments = GaugeMetricFamily("dm_deployments", "Deployments by state", labels=["state"])
         counts = self.ctl.registry.count_by_state()
         for name in sorted({*STATES, *counts}):
             deployments.add_metric([name], counts.get(name, 0))
-        families: list[Metric] = [state, *gauges.values(), nodes, deployments]
+        families: list[Metric] = [state, *gauges.values(), refused, nodes, deployments]
         last = self.ctl.redis.get(HEARTBEAT_LAST_KEY)
         if last is not None:
             help_ = "Seconds since the last completed heartbeat check"

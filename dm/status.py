@@ -38,6 +38,8 @@ def node_rows(ctl: Control) -> list[dict[str, Any]]:
                 "deployments": view.deployments if view else 0,
                 "committed_cpu": round(view.committed_cpu, 2) if view else 0.0,
                 "pid": doc.get("pid"),
+                # orders it refused for a missing or wrong signature (workers/tasks.py)
+                "refused_orders": int(h.get("refused_orders") or 0),
             }
         )
     return rows
