@@ -116,7 +116,7 @@ def run(h: Harness, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"place": [], "update": [], "insert": [], "blocks": [], "create": [], "deploy": []}
     # warm-up: connections, the Celery producer pool, the lock script
     for dep_id in create(ctl, algorithm, 5)[0]:
-        deployer.place(ctl, dep_id)
+        deployer.place(ctl.ports, dep_id)
     template = ctl.registry.deployments.find_one({})
     print(f"{args.nodes} nodes registered; recording and placing {args.count} deployments ...", flush=True)
     done = 0
@@ -146,7 +146,7 @@ def run(h: Harness, args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         for dep_id in block:
             t = time.perf_counter()
-            placed = deployer.place(ctl, dep_id, listed[dep_id])
+            placed = deployer.place(ctl.ports, dep_id, listed[dep_id])
             times.append(time.perf_counter() - t)
             if placed["state"] != SCHEDULED:
                 raise RuntimeError(f"deployment {dep_id} was not placed: {placed['state']} ({placed.get('reason')})")
@@ -155,7 +155,7 @@ def run(h: Harness, args: argparse.Namespace) -> dict[str, Any]:
         # dm: new requests, recorded already placed (the path of `deploy.delay`)
         t0 = time.perf_counter()
         for i in range(len(block)):
-            made = deployer.deploy(ctl, DeployRequest(algorithm=ALGORITHM, request_id=f"bench-new-{done + i}"))
+            made = deployer.deploy(ctl.ports, DeployRequest(algorithm=ALGORITHM, request_id=f"bench-new-{done + i}"))
             if made["state"] != SCHEDULED:
                 raise RuntimeError(f"request {done + i} was not placed: {made['state']} ({made.get('reason')})")
         results["deploy"].append((len(block), time.perf_counter() - t0))
@@ -210,7 +210,7 @@ def split(ctl: Any, algorithm: dict[str, Any], count: int) -> dict[str, float]:
         (balancer, "choose"): balancer.choose,
         (fleet, "allocate"): fleet.allocate,
     }
-    registry, r = ctl.registry, ctl.redis
+    store, r = ctl.ports.store, ctl.redis
     try:
         fleet.decide = timed("take the lock and decide (one Redis script)", fleet.decide)
         fleet.snapshot = timed("read the fleet (when the script finds no room; not here)", fleet.snapshot)
@@ -218,17 +218,19 @@ def split(ctl: Any, algorithm: dict[str, Any], count: int) -> dict[str, float]:
         fleet.allocate = timed("queue the allocation (into the pipeline)", fleet.allocate)
         pipeline = r.pipeline
         r.pipeline = lambda *a, **k: _TimedPipeline(pipeline(*a, **k), record)
-        registry.get_deployment = timed("read the deployment (MongoDB find_one)", registry.get_deployment)
-        registry.transition = timed("registry write (CAS update_one, its event in the same write)", registry.transition)
+        store.get = timed("read the deployment (MongoDB find_one)", store.get)  # type: ignore[method-assign]
+        store.compare_and_set = timed(  # type: ignore[method-assign]
+            "registry write (CAS update_one, its event in the same write)", store.compare_and_set
+        )
         t0 = time.perf_counter()
         for dep_id in ids:
-            deployer.place(ctl, dep_id, listed[dep_id])
+            deployer.place(ctl.ports, dep_id, listed[dep_id])
         total = time.perf_counter() - t0
     finally:
         for (module, name), fn in originals.items():
             setattr(module, name, fn)
-        for name in ("get_deployment", "transition"):
-            registry.__dict__.pop(name, None)
+        for name in ("get", "compare_and_set"):
+            store.__dict__.pop(name, None)
         r.__dict__.pop("pipeline", None)
     parts = {name: seconds / count for name, seconds in spent.items()}
     parts["other (Python in place, loop)"] = total / count - sum(parts.values())

@@ -74,7 +74,10 @@ def check_fits(ports: Ports, demand: Demand) -> None:
     if not ports.provider.starts_nodes:
         return
     limit = s.threshold / 100.0
-    sizes = [(s.node_cpus, s.node_memory)] + [(n.cpus, n.memory) for n in ports.fleet.snapshot(s.reservation_settle)]
+    sizes = [(s.node_cpus, s.node_memory)]
+    if demand.cpu <= s.node_cpus * limit + 1e-9 and demand.memory <= s.node_memory * limit + 1e-9:
+        return  # a node of the size the provider starts takes it: no need to read the fleet
+    sizes += [(n.cpus, n.memory) for n in ports.fleet.snapshot(s.reservation_settle)]
     if any(demand.cpu <= cpus * limit + 1e-9 and demand.memory <= memory * limit + 1e-9 for cpus, memory in sizes):
         return
     cpus, memory = max(sizes)
@@ -97,9 +100,6 @@ def deploy(ports: Ports, request: DeployRequest) -> Doc:
     algorithm = ports.catalogue.algorithm(request.algorithm, request.version)
     validate_args(AlgorithmSpec.from_dict(algorithm["spec"]), request.args)
     demand = Demand.from_dict(algorithm["spec"]["demand"])
-    known = ports.store.by_request(request.request_id) if request.request_id else None
-    if known is not None:
-        return place(ports, known["_id"], known)
     check_fits(ports, demand)
     with _placing(ports, demand) as (lock, node_id, reason, nodes):
         if node_id is None:
