@@ -242,6 +242,23 @@ def transition(
     return new
 
 
+def transition_many(ports: Ports, docs: list[Doc], to: str, *, actor: Actor, reason: str, **fields: Any) -> list[Doc]:
+    """The same move for many deployments, each as the caller read it (its state, generation
+    and rev are the compare-and-set), in one write of the store where it can; returns those
+    moved. The table is checked as :func:`transition` checks it; effects follow for each.
+    A fail-over of a node with hundreds of deployments is one round trip, not hundreds."""
+    target = DeploymentState(to)
+    rules = {str(d["state"]): rule(d["state"], target, actor) for d in docs}
+    if any(r.new_generation for r in rules.values()):
+        raise IllegalTransition("a batch move never places: place each with transition()")
+    moved = ports.store.compare_and_set_many(docs, target.value, reason=reason, fields=fields)
+    before = {d["_id"]: d for d in docs}
+    for new in moved:
+        old = before[new["_id"]]
+        apply_effects(ports, rules[str(old["state"])].effects, new, old, reason=reason)
+    return moved
+
+
 def set_node_state(ports: Ports, node_id: str, state: NodeState, expect: tuple[str, ...] | None = None) -> bool:
     """The one writer of a node's state: the registry's record first (the truth, a
     compare-and-set when ``expect`` is given), then the fleet's copy that placement reads.

@@ -58,6 +58,12 @@ class DeploymentStore(Protocol):
         ``seen`` is given the document the write was made from."""
         ...
 
+    def compare_and_set_many(self, docs: list[Doc], state: str, *, reason: str, fields: dict[str, Any]) -> list[Doc]:
+        """Move each document, as read, to ``state`` (a compare-and-set on its id and rev each,
+        with its event), in one write; returns the new documents of those moved. Only
+        :func:`dm.lifecycle.transition_many` calls it."""
+        ...
+
     def active_on(self, node_id: str) -> list[Doc]:
         """Deployments of a node in an active state or ``stopping``."""
         ...

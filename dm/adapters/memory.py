@@ -97,6 +97,21 @@ class MemoryStore:
         seen(before)
         return _public(doc)
 
+    def compare_and_set_many(self, docs: list[Doc], state: str, *, reason: str, fields: dict[str, Any]) -> list[Doc]:
+        self._check()
+        moved = []
+        for doc in docs:
+            stored = self.docs.get(doc["_id"])
+            if stored is None or stored["rev"] != doc["rev"]:
+                continue  # it moved on since it was read
+            stored.update(fields)
+            stored.update(state=state, reason=reason, updated_at=time.time(), rev=stored["rev"] + 1)
+            event = event_of(stored)
+            stored.setdefault("history", []).append(event)
+            self.events.append(dict(event))
+            moved.append(_public(stored))
+        return moved
+
     def active_on(self, node_id: str) -> list[Doc]:
         states = {*ACTIVE, D.STOPPING}
         return [_public(d) for d in self.docs.values() if d.get("node") == node_id and d["state"] in states]

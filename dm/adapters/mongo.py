@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pymongo import UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from dm.lifecycle import ACTIVE, WAITING, D, event_of
@@ -98,6 +99,38 @@ class MongoDeployments:
                 return new
             doc = None  # changed since it was read: read again and decide again
         return None
+
+    def compare_and_set_many(self, docs: list[Doc], state: str, *, reason: str, fields: dict[str, Any]) -> list[Doc]:
+        if not docs:
+            return []
+        now = time.time()
+        news, ops = [], []
+        for doc in docs:
+            sets = {"state": state, "reason": reason, "updated_at": now, **fields}
+            new = {**doc, **sets, "rev": doc["rev"] + 1}
+            new.pop("history", None)
+            news.append(new)
+            event = event_of(new)
+            push = (
+                {"history": {"$each": [event], "$slice": -HISTORY_KEEP}}
+                if new["rev"] % HISTORY_KEEP == 0
+                else {"history": event}
+            )
+            ops.append(
+                UpdateOne({"_id": doc["_id"], "rev": doc["rev"]}, {"$set": sets, "$inc": {"rev": 1}, "$push": push})
+            )
+        result = self.col.bulk_write(ops, ordered=False)
+        if result.modified_count == len(ops):
+            return news
+        # some had moved on meanwhile: the moved ones are those now at the new rev in the new state
+        now_at = {
+            d["_id"]: d for d in self.col.find({"_id": {"$in": [d["_id"] for d in docs]}}, {"rev": 1, "state": 1})
+        }
+        return [
+            n
+            for n in news
+            if (now_at.get(n["_id"]) or {}).get("rev") == n["rev"] and now_at[n["_id"]]["state"] == state
+        ]
 
     def active_on(self, node_id: str) -> list[Doc]:
         return list(self.col.find({"state": {"$in": _values(*ACTIVE, D.STOPPING)}, "node": node_id}, NO_HISTORY))

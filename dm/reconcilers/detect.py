@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dm import keys as k
-from dm.lifecycle import ACTIVE, LIVE_NODE, Actor, D, NodeState, set_node_state, transition
+from dm.lifecycle import ACTIVE, LIVE_NODE, Actor, D, NodeState, set_node_state, transition_many
 from dm.ports import Ports
 from dm.settings import Settings
 
@@ -165,16 +165,11 @@ def move_deployments(ports: Ports, node_id: str, reason: str) -> int:
     a ``stopping`` one is ``stopped``: its node killed it, or died with it."""
     from dm import deployer
 
-    lost: list[dict[str, Any]] = []
-    for doc in ports.store.active_on(node_id):
-        if doc["state"] == D.STOPPING:
-            transition(ports, doc["_id"], D.STOPPED, actor=Actor.CONTROL, expect=[D.STOPPING],
-                       reason=f"stopped ({reason})", current=doc)  # fmt: skip
-            continue
-        moved = transition(ports, doc["_id"], D.LOST, actor=Actor.CONTROL, expect=ACTIVE,
-                           generation=doc["generation"], reason=reason, current=doc)  # fmt: skip
-        if moved is not None:
-            lost.append(moved)
+    docs = ports.store.active_on(node_id)
+    stopping = [d for d in docs if d["state"] == D.STOPPING]
+    transition_many(ports, stopping, D.STOPPED, actor=Actor.CONTROL, reason=f"stopped ({reason})")
+    lost = transition_many(ports, [d for d in docs if d["state"] in ACTIVE], D.LOST, actor=Actor.CONTROL,
+                           reason=reason)  # fmt: skip
     ports.fleet.clear_allocations(node_id)
     for doc in lost:
         deployer.place_or_grow(ports, doc)

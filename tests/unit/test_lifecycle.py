@@ -18,6 +18,7 @@ from dm.lifecycle import (
     rule,
     set_node_state,
     transition,
+    transition_many,
 )
 from dm.models import Demand, DeployRequest
 
@@ -170,3 +171,20 @@ def test_states_keep_their_stored_values() -> None:
         "pending", "scheduled", "running", "restarting", "lost", "stopping", "stopped", "succeeded", "failed"
     ]  # fmt: skip
     assert D.RUNNING == "running" and f"{NodeState.UP}" == "up"
+
+
+def test_a_batch_move_moves_those_still_as_read_each_with_its_event(ports: MemoryPorts) -> None:
+    docs = [record(ports, node="1") for _ in range(3)]
+    transition(ports, docs[1]["_id"], D.RUNNING, actor=Actor.NODE, expect=[D.SCHEDULED])  # moved on since read
+    moved = transition_many(ports, docs, D.LOST, actor=Actor.CONTROL, reason="node-1 lease expired")
+    assert sorted(d["_id"] for d in moved) == sorted([docs[0]["_id"], docs[2]["_id"]])
+    assert ports.store.get(docs[1]["_id"])["state"] == "running"
+    assert [e["state"] for e in ports.store.history(docs[0]["_id"])][-1] == "lost"
+
+
+def test_a_batch_move_is_held_to_the_table(ports: MemoryPorts) -> None:
+    docs = [record(ports, node="1")]
+    with pytest.raises(IllegalTransition):
+        transition_many(ports, docs, D.SUCCEEDED, actor=Actor.CONTROL, reason="no")
+    with pytest.raises(IllegalTransition):
+        transition_many(ports, docs, D.SCHEDULED, actor=Actor.CONTROL, reason="a batch never places")
