@@ -10,6 +10,8 @@ What Tansu (the embedded broker) needs, found by trying (see docs/kafka.md):
 - it keeps topics in memory and auto-creates unknown ones with its own defaults, so
   the bridge creates its topics itself, again after every outage, and turns
   auto-creation off.
+
+Every client gets the same security settings (SASL, TLS: :class:`bridge.settings.KafkaSecurity`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def _common(s: BridgeSettings) -> dict[str, Any]:
         "request_timeout_ms": timeout_ms,
         "bootstrap_timeout_ms": timeout_ms,
         "reconnect_backoff_max_ms": int(s.backoff_max * 1000),
+        **s.security.client_config(),
     }
 
 
@@ -63,35 +66,45 @@ def admin(s: BridgeSettings) -> KafkaAdminClient:
     return KafkaAdminClient(client_id="dm-bridge-admin", **_common(s))
 
 
-def consumer(s: BridgeSettings, listener: Any = None) -> KafkaConsumer:
-    """A consumer in the bridge's group, subscribed to the requests topic, committing by hand."""
-    c = KafkaConsumer(
-        group_id=s.group,
-        client_id="dm-bridge",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        allow_auto_create_topics=False,
-        max_poll_records=s.batch_size,
-        session_timeout_ms=s.session_timeout_ms,
-        heartbeat_interval_ms=s.heartbeat_interval_ms,
-        max_poll_interval_ms=s.max_poll_interval_ms,
+def consumer_config(s: BridgeSettings) -> dict[str, Any]:
+    """The bridge's consumer: in its group, committing by hand."""
+    return {
+        "group_id": s.group,
+        "client_id": "dm-bridge",
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "allow_auto_create_topics": False,
+        "max_poll_records": s.batch_size,
+        "session_timeout_ms": s.session_timeout_ms,
+        "heartbeat_interval_ms": s.heartbeat_interval_ms,
+        "max_poll_interval_ms": s.max_poll_interval_ms,
         **_common(s),
-    )
+    }
+
+
+def producer_config(s: BridgeSettings) -> dict[str, Any]:
+    """An idempotent producer (acks=all): a retry never reorders or doubles a partition's records."""
+    return {
+        "client_id": "dm-bridge",
+        "acks": "all",
+        "linger_ms": 5,
+        "allow_auto_create_topics": False,
+        "max_block_ms": int(s.kafka_timeout * 1000),
+        "delivery_timeout_ms": int(s.kafka_timeout * 3000),
+        "max_request_size": s.max_request_size,
+        **_common(s),
+    }
+
+
+def consumer(s: BridgeSettings, listener: Any = None) -> KafkaConsumer:
+    """A consumer (:func:`consumer_config`) subscribed to the requests topic."""
+    c = KafkaConsumer(**consumer_config(s))
     c.subscribe([s.requests_topic], listener=listener)
     return c
 
 
 def producer(s: BridgeSettings) -> KafkaProducer:
-    """An idempotent producer (acks=all): a retry never reorders or doubles a partition's records."""
-    return KafkaProducer(
-        client_id="dm-bridge",
-        acks="all",
-        linger_ms=5,
-        allow_auto_create_topics=False,
-        max_block_ms=int(s.kafka_timeout * 1000),
-        delivery_timeout_ms=int(s.kafka_timeout * 3000),
-        **_common(s),
-    )
+    return KafkaProducer(**producer_config(s))
 
 
 def ensure_topics(s: BridgeSettings) -> list[str]:

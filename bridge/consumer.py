@@ -3,9 +3,11 @@
 Order per batch (at-least-once, and the request id makes redelivery harmless): record
 the deployments (their ``pending`` events sent first when this bridge holds the events
 lease) -> enqueue ``deploy`` -> dead letters flushed to the DLQ -> commit. An outage of
-MongoDB or Redis holds the batch (retried with backoff, nothing committed); an outage
-of Kafka ends the session: the clients are closed and made again once the broker
-answers, so partitions, positions and topics come from a fresh start.
+MongoDB or Redis (:func:`dm.outage.is_outage`) holds the batch (retried with backoff,
+nothing committed); a permanent error of a request's write dead-letters that request
+(:mod:`bridge.intake`), so it never holds the batch. An outage of Kafka ends the
+session: the clients are closed and made again once the broker answers, so
+partitions, positions and topics come from a fresh start.
 
 Throughput: a batch is recorded, enqueued and dead-lettered in a helper thread (mostly
 waiting on MongoDB) while the next batch is polled and screened; a batch is committed
@@ -27,9 +29,10 @@ from kafka import errors as kafka_errors
 
 from bridge import broker
 from bridge.broker import KAFKA_OUTAGES, Backoff, describe
-from bridge.intake import OUTAGES, Intake, Outcome
+from bridge.intake import Intake, Outcome
 from bridge.publisher import EventPublisher
 from bridge.settings import BridgeSettings
+from dm.outage import is_outage
 
 log = logging.getLogger("dm.bridge")
 T = TypeVar("T")
@@ -145,9 +148,12 @@ class RequestConsumer:
         """Record and enqueue the deployments, and flush the dead letters (in the helper thread)."""
         self.intake.record(outcome)
         self.intake.enqueue(outcome)
-        self._send(producer, [(self.s.dlq_topic, d.key, d.value, d.headers()) for d in outcome.dead])
-        for dead in outcome.dead:
-            log.info("requests: %s[%d]@%d to the DLQ: %s", dead.topic, dead.partition, dead.offset, dead.reason)
+        # cut to what the producer sends: a record it refuses would hold the partition up for good
+        letters = [d.fitted(self.s.max_request_size) for d in outcome.dead]
+        self._send(producer, [(self.s.dlq_topic, d.key, d.value, d.headers()) for d in letters])
+        for dead in letters:
+            cut = f" (value cut from {dead.size} bytes)" if dead.truncated else ""
+            log.info("requests: %s[%d]@%d to the DLQ%s: %s", dead.topic, dead.partition, dead.offset, cut, dead.reason)
 
     def _send(self, producer: KafkaProducer, records: list[tuple[str, bytes | None, bytes | None, Any]]) -> None:
         """Send records and wait until every one is acknowledged (raises if one failed)."""
@@ -161,7 +167,9 @@ class RequestConsumer:
         """Wait for a batch's delivery (done again here after an outage), then commit it."""
         try:
             inflight.done.result()
-        except OUTAGES:
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
             self._retry(self._deliver, producer, inflight.outcome)
         self._commit(consumer, inflight)
 
@@ -189,7 +197,9 @@ class RequestConsumer:
         while True:
             try:
                 result = work(*args)
-            except OUTAGES as exc:
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
                 delay = backoff.next()
                 log.warning(
                     "requests: MongoDB or Redis is unavailable (%s); retrying the batch in %.1fs (uncommitted)",

@@ -15,11 +15,12 @@ from typing import Any
 
 from bridge.broker import Backoff, describe
 from bridge.consumer import RequestConsumer
-from bridge.intake import OUTAGES, Intake
+from bridge.intake import Intake
 from bridge.publisher import EventPublisher
 from bridge.settings import BridgeSettings
 from dm.control import Control
 from dm.errors import DMError
+from dm.outage import is_outage
 from dm.settings import Settings
 
 log = logging.getLogger("dm.bridge")
@@ -37,8 +38,9 @@ class Bridge:
         """Run until :attr:`stop` is set (or a signal sets it)."""
         s = self.settings
         log.info(
-            "bridge: %s -> deploy, events -> %s; Kafka %s, group %s",
-            s.requests_topic, s.events_topic if self.publisher else "(not published)", s.bootstrap, s.group,
+            "bridge: %s -> deploy, events -> %s; Kafka %s (%s), group %s",
+            s.requests_topic, s.events_topic if self.publisher else "(not published)", s.bootstrap,
+            s.security.describe(), s.group,
         )  # fmt: skip
         self._wait_registry()
         thread = None
@@ -61,7 +63,9 @@ class Bridge:
                 self.ctl.redis.ping()
                 self.ctl.registry.ensure_indexes()
                 return
-            except OUTAGES as exc:
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
                 delay = backoff.next()
                 log.warning("bridge: MongoDB or Redis is unavailable (%s); retrying in %.1fs", describe(exc), delay)
                 self.stop.wait(delay)

@@ -10,7 +10,7 @@ import redis
 
 from dm import keys as k
 from dm.fleet import redis_client
-from dm.outages import is_outage
+from dm.outage import is_outage
 from dm.ports import Ports
 from dm.registry import Doc, Registry
 from dm.settings import Settings

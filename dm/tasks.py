@@ -5,18 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from celery import signals
-from pymongo.errors import PyMongoError
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dm import constants as c
 from dm import deployer, reconcilers, relay, retention
 from dm.app import app
 from dm.control import get_control
-from dm.errors import RegistryUnavailable
 from dm.models import DeployRequest
+from dm.outage import TRANSIENT  # outages a task waits out with a retry; a permanent error fails it
 
-#: outages a task waits out with a retry, rather than failing the request
-TRANSIENT = (RegistryUnavailable, PyMongoError, RedisConnectionError)
+__all__ = ["TRANSIENT", "allocations", "deploy", "detect", "place", "replace", "retention_sweep", "scale", "stop"]
 
 
 @app.task(

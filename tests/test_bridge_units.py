@@ -19,7 +19,7 @@ def decode(raw: bytes | None) -> DeployRequest:
 
 def test_a_good_request_decodes_with_its_optional_fields() -> None:
     assert decode(b'{"request_id": "r1", "algorithm": "hello"}') == DeployRequest("hello", {}, "r1")
-    full = decode(b'{"request_id": "r2", "algorithm": "hello", "version": "1.0.0", "args": {"n": 1}, "extra": 1}')
+    full = decode(b'{"request_id": "r2", "algorithm": "hello", "version": "1.0.0", "args": {"n": 1}}')
     assert full == DeployRequest("hello", {"n": 1}, "r2", "1.0.0")
 
 
@@ -39,6 +39,8 @@ def test_a_good_request_decodes_with_its_optional_fields() -> None:
         (b'{"request_id": "' + b"r" * 17 + b'", "algorithm": "a"}', "bad_request", "17 characters"),
         (b'{"request_id": "r", "algorithm": 1}', "bad_request", "'algorithm' has the wrong type"),
         (b'{"request_id": "r", "algorithm": "a", "args": "x=1"}', "bad_request", "'args' must be a JSON object"),
+        (b'{"request_id": "r", "algorithm": "a", "extra": 1}', "unknown_field", "unknown field(s) 'extra'"),
+        (b'{"request_id": "r", "algorithm": "a", "args": {"$gt": 1}}', "unstorable", "starts with '$'"),
     ],
 )
 def test_a_bad_request_is_rejected_with_a_code_and_a_reason(raw: bytes | None, code: str, reason: str) -> None:
