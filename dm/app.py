@@ -8,6 +8,7 @@ from celery import Celery, Task
 
 from dm import constants as c
 from dm.errors import ConfigError
+from dm.redis_conn import configure_celery
 from dm.settings import Settings
 
 settings = Settings.from_env()
@@ -41,9 +42,14 @@ except ImportError:  # installed without the checkout: the same defaults
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 120, "socket_connect_timeout": 5, "socket_keepalive": True},
+        result_backend_always_retry=True,
+        result_backend_max_retries=40,
+        result_backend_base_sleep_between_retries_ms=50,
+        result_backend_max_sleep_between_retries_ms=500,
+        redis_socket_connect_timeout=5,
     )
-app.conf.broker_url = settings.redis_url or None
-app.conf.result_backend = settings.redis_url or None
+# the broker and the result backend on DM_REDIS_URL: Sentinels and TLS translated for Celery
+configure_celery(app.conf, settings.redis_url)
 app.conf.task_default_queue = c.CONTROL_QUEUE
 
 
