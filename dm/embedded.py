@@ -251,6 +251,22 @@ def start_sentinel(home: Path, index: int, primary: Server, *, port: int | None 
     return _start(f"sentinel-{index}", home, argv, "redis://127.0.0.1:{port}", port)
 
 
+def start_sentinel_topology(home: Path) -> list[Server]:
+    """A primary (``redis``), its replica and ``SENTINELS`` Sentinels, ready for a failover;
+    on a failure every one started is stopped again."""
+    servers: list[Server] = []
+    try:
+        servers.append(primary := start_redis(home))
+        servers.append(start_redis_replica(home, primary))
+        servers += [start_sentinel(home, index, primary) for index in range(1, SENTINELS + 1)]
+        wait_sentinels_ready(servers[2:])
+    except BaseException:
+        for server in reversed(servers):
+            server.stop()
+        raise
+    return servers
+
+
 def sentinel_url(sentinels: list[Server], master: str = SENTINEL_MASTER, db: int = 0) -> str:
     """The ``sentinel://`` URL of these Sentinels (see dm/redis_conn.py)."""
     return "sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in sentinels) + f"/{master}/{db}"

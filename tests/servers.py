@@ -108,15 +108,8 @@ class SentinelTopology:
 @pytest.fixture
 def sentinel_redis(tmp_path: Path) -> Iterator[SentinelTopology]:
     """A primary, a replica and three Sentinels on free loopback ports, for one test."""
-    topology = SentinelTopology([])
-    home = tmp_path / "sentinel"
+    topology = SentinelTopology(embedded.start_sentinel_topology(tmp_path / "sentinel"))
     try:
-        primary = embedded.start_redis(home)
-        topology.servers.append(primary)
-        topology.servers.append(embedded.start_redis_replica(home, primary))
-        for index in range(1, embedded.SENTINELS + 1):
-            topology.servers.append(embedded.start_sentinel(home, index, primary))
-        embedded.wait_sentinels_ready(topology.sentinels)
         yield topology
     finally:
         topology.stop()

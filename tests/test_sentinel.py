@@ -31,15 +31,13 @@ LEASE = 8.0
 SERVICES = 4
 
 
-def deploy_until_accepted(system: System, request_id: str, stop: threading.Event | None = None) -> dict[str, Any]:
+def deploy_until_accepted(system: System, request_id: str) -> dict[str, Any]:
     """What a scheduler does: send the request, and on an error or no answer send it again
     with the same request id (at-least-once; the request id makes a repeat harmless)."""
     while True:
         try:
             return system.deploy("hello", timeout=5, request_id=request_id, args={"who": request_id})
         except Exception:
-            if stop is not None and stop.is_set():
-                raise
             time.sleep(0.2)
 
 
@@ -117,12 +115,11 @@ def test_kill_9_of_the_primary_kills_nothing_loses_no_deploy(
     promoted = wait_for(lambda: (m := sentinel_redis.master()) is not None and m.name == "redis-replica" and m, 30,
                         interval=0.05, what="the replica promoted")  # fmt: skip
     promoted_at = time.monotonic()
-    # and a deploy sent after the promotion works within 10 s of it
-    probe_id = f"after-{uuid.uuid4().hex[:6]}"
-    probe = deploy_until_accepted(system, probe_id)
-    left = max(0.5, 10 - (time.monotonic() - promoted_at))
-    wait_for(lambda: system.deployment(probe["id"])["state"] == "succeeded", left, what="the deploy sent after it")
-    worked_after = time.monotonic() - promoted_at
+    # and deploys work again within 10 s of it: a request is accepted (one thread sends them
+    # all: Celery's result consumer is not for concurrent callers)
+    wait_for(lambda: any(t > promoted_at for t in scheduler.accepted.values()),
+             max(0.5, 10 - (time.monotonic() - promoted_at)), what="a deploy accepted after the promotion")  # fmt: skip
+    worked_after = min(t for t in scheduler.accepted.values() if t > promoted_at) - promoted_at
     # and everyone now talks to the new master: a new run, with every node's lease renewed there
     assert system.ctl.redis.info("server")["tcp_port"] == promoted.port
     assert system.ctl.redis.info("server")["run_id"] != run_before
@@ -146,7 +143,7 @@ def test_kill_9_of_the_primary_kills_nothing_loses_no_deploy(
     assert overlaps(ledger) == []
     assert all(n["state"] == "up" for n in system.ctl.registry.list_nodes())
     # no deploy was lost: each request ends in exactly one deployment, which ran
-    requests = [*scheduler.sent, probe_id]
+    requests = scheduler.sent
     assert len(scheduler.sent) >= 6, "the scheduler should have sent deploys before and after the kill"
     for request_id in requests:
         docs = list(system.ctl.registry.deployments.find({"request_id": request_id}))
