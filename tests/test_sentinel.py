@@ -7,8 +7,11 @@ Sentinel URL: control worker, beat, nodes and this process as the client.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,9 +21,10 @@ from typing import Any
 import pytest
 
 from dm import keys as k
+from dm.embedded import _running
 from tests.ledger import overlaps
 from tests.servers import SentinelTopology, StackInfo
-from tests.system import System, alive, forget_connections, wait_for
+from tests.system import ROOT, System, alive, forget_connections, wait_for
 
 #: the lease of the test system. A promotion takes about 2.3 s here (the embedded Sentinels
 #: call a primary down after 1 s, then elect and promote); a node kills its algorithms when it
@@ -151,3 +155,32 @@ def test_kill_9_of_the_primary_kills_nothing_loses_no_deploy(
     wait_for(lambda: all(d["state"] == "succeeded" for d in system.ctl.registry.deployments.find(
              {"request_id": {"$in": requests}})), 45, what="every request's deployment to run")  # fmt: skip
     print(f"promoted {promoted_at - killed:.2f}s after the kill; deploys worked {worked_after:.2f}s after it")
+
+
+def test_dm_up_sentinel_runs_on_the_sentinels_and_dm_down_stops_them(tmp_path: Path) -> None:
+    # Given: a fresh DM_HOME, no server URLs, and `dm up --sentinel`
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DM_")}
+    env["DM_HOME"] = str(tmp_path / "dm-home")
+
+    def dm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dm", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=180)  # fmt: skip
+
+    up = dm("up", "--sentinel", "--detach", "--no-bridge", "--no-flower", "--no-metrics")
+    state_file = tmp_path / "dm-home" / "stack.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"processes": {}, "servers": {}}
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        # Then: Redis is a primary, a replica and three Sentinels, and dm uses the Sentinels' URL
+        assert set(state["servers"]) >= {"redis", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+        assert state["redis_url"].startswith("sentinel://") and state["redis_url"].endswith("/dm/0")
+        # and a deploy goes through them
+        assert dm("algorithms", "add", str(ROOT / "examples" / "algorithms" / "hello")).returncode == 0
+        deployed = dm("deploy", "hello", "--arg", "who=ha", "--wait", "--json")
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert json.loads(deployed.stdout)["state"] == "succeeded"
+    finally:
+        down = dm("down")
+    assert down.returncode == 0, down.stderr
+    pids = [*state["processes"].values(), *state["servers"].values()]
+    assert pids and not [pid for pid in pids if _running(pid)]
