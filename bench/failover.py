@@ -274,10 +274,12 @@ def run_sentinel(trials: int) -> str:
         f"**{'met' if met else 'missed'}**.",
         "",
         "Where the time goes: the Sentinels call the primary down after `down-after-milliseconds`, agree "
-        "(quorum 2), elect a leader and promote the replica; then each Celery worker's broker connection is "
-        "retried on Kombu's schedule (at once, then after 2, 4, 6 s...), so deploys resume at the first retry "
-        "after the promotion. Peers, for scale: Redis's own default `down-after-milliseconds` is 30 s; "
-        "a production Sentinel setup typically uses 5-10 s, plus the same promotion and reconnect steps.",
+        "(quorum 2), elect a leader and promote the replica: that is the floor, measured in the same run. "
+        "Then each Celery worker finds the new master on its next broker reconnect (dm retries after 0.5, 1, "
+        "1.5 ... up to 5 s; Kombu's own 2, 4, 6 ... 30 s made this ~4 s), and the scheduler's next try is "
+        "accepted. For scale: Redis's default `down-after-milliseconds` is 30 s (its documentation's examples "
+        "use 5 to 60 s); the promotion takes that plus about 1.3 s, and the lease must outlast it "
+        "(docs/operations.md, Redis high availability).",
     ]
     return "\n".join(lines) + "\n"
 
