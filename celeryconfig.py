@@ -33,6 +33,18 @@ worker_cancel_long_running_tasks_on_connection_loss = False
 # deploy is idempotent (the task id is the default request id), so a redelivery is harmless
 # a connect to an address that is gone fails in seconds, not a TCP time-out of minutes
 broker_transport_options = {"visibility_timeout": 120, "socket_connect_timeout": 5, "socket_keepalive": True}
+# dm.app adds to these what DM_REDIS_URL needs: ``master_name`` and the Sentinels' own
+# timeouts for a sentinel:// URL (see dm/redis_conn.py); ``broker_use_ssl`` and
+# ``redis_backend_use_ssl`` for a rediss:// one
+result_backend_transport_options: dict[str, object] = {}
+# a result write that meets a Redis failover or restart is tried again for about 10 s
+# (Celery's default gives up at once, and a caller waiting on the result never hears)
+result_backend_always_retry = True
+result_backend_max_retries = 40
+result_backend_base_sleep_between_retries_ms = 50
+result_backend_max_sleep_between_retries_ms = 500
+# a connect to a Redis that is gone (an old master) fails in seconds, not a TCP time-out
+redis_socket_connect_timeout = 5
 worker_hijack_root_logger = False
 enable_utc = True
 timezone = "UTC"

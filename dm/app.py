@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
+from celery.app.amqp import AMQP
+from kombu import Connection
 
 from dm import constants as c
 from dm.errors import ConfigError
+from dm.redis_conn import configure_celery
 from dm.settings import Settings
 
 settings = Settings.from_env()
@@ -25,7 +28,32 @@ class DMTask(Task):  # type: ignore[misc]
         return super().apply_async(*args, **kwargs)
 
 
-app = Celery("dm", task_cls=DMTask, include=["dm.tasks", "workers.tasks"])
+#: seconds between a worker's tries to reach the broker again: the first, the step, the most.
+#: Kombu's defaults (2, 2, 30) leave a worker idle up to 4 s after a Sentinel promotion,
+#: and longer after a longer outage; these cost a log line a few seconds while it lasts
+RECONNECT_START, RECONNECT_STEP, RECONNECT_MAX = 0.5, 0.5, 5.0
+
+
+class _Connection(Connection):  # type: ignore[misc]
+    """Kombu's connection, tried again sooner when the broker comes back."""
+
+    def ensure_connection(
+        self,
+        errback: Any = None,
+        max_retries: int | None = None,
+        interval_start: float = RECONNECT_START,
+        interval_step: float = RECONNECT_STEP,
+        interval_max: float = RECONNECT_MAX,
+        **kwargs: Any,
+    ) -> Any:
+        return super().ensure_connection(errback, max_retries, interval_start, interval_step, interval_max, **kwargs)
+
+
+class _AMQP(AMQP):  # type: ignore[misc]
+    Connection = _Connection
+
+
+app = Celery("dm", task_cls=DMTask, amqp=_AMQP, include=["dm.tasks", "workers.tasks"])
 try:
     app.config_from_object("celeryconfig")
 except ImportError:  # installed without the checkout: the same defaults
@@ -41,9 +69,14 @@ except ImportError:  # installed without the checkout: the same defaults
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 120, "socket_connect_timeout": 5, "socket_keepalive": True},
+        result_backend_always_retry=True,
+        result_backend_max_retries=40,
+        result_backend_base_sleep_between_retries_ms=50,
+        result_backend_max_sleep_between_retries_ms=500,
+        redis_socket_connect_timeout=5,
     )
-app.conf.broker_url = settings.redis_url or None
-app.conf.result_backend = settings.redis_url or None
+# the broker and the result backend on DM_REDIS_URL: Sentinels and TLS translated for Celery
+configure_celery(app.conf, settings.redis_url)
 app.conf.task_default_queue = c.CONTROL_QUEUE
 
 

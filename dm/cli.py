@@ -75,6 +75,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         bridge=not a.no_bridge,
         metrics_address=a.metrics_address,
         metrics_port=None if a.no_metrics else a.metrics_port,
+        sentinel=a.sentinel,
     )
     if a.detach:
         print("detached: `dm down` stops it")
@@ -444,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics-address", default="127.0.0.1", help="where `dm metrics` listens")
     sp.add_argument("--metrics-port", type=int, default=9464, help="port of dm's Prometheus /metrics")
     sp.add_argument("--no-metrics", action="store_true", help="do not start the metrics exporter")
+    sp.add_argument("--sentinel", action="store_true",
+                    help="embedded Redis as a primary, a replica and three Sentinels (docs/operations.md)")  # fmt: skip
     add("down", cmd_down, "stop what `dm up` started")
     sp = add("node", cmd_node, "run one node agent (see `dm node -- --help`)")
     sp.add_argument("rest", nargs=argparse.REMAINDER)

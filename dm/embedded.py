@@ -8,6 +8,7 @@ SIGKILL). `write_state` keeps URLs and PIDs so another process (`dm down`) can s
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -36,8 +37,17 @@ from dm.settings import mask_url, write_private
 INSTALL_HINT = "install them with: pip install -e '.[dev]'"
 #: start attempts when another process takes the chosen port first
 PORT_ATTEMPTS = 3
-#: seconds each server may take to answer (SecantusDB is the slow one)
-START_TIMEOUTS = {"redis": 15.0, "mongo": 60.0, "kafka": 30.0}
+#: seconds each kind of server may take to answer (SecantusDB is the slow one)
+START_TIMEOUTS = {"redis": 15.0, "sentinel": 15.0, "mongo": 60.0, "kafka": 30.0}
+#: the master name the embedded Sentinels watch
+SENTINEL_MASTER = "dm"
+#: how many embedded Sentinels, and how many of them must agree that the primary is down
+SENTINELS, SENTINEL_QUORUM = 3, 2
+#: milliseconds without an answer before a Sentinel calls the primary down (Redis's default
+#: is 30 s; a loopback topology for tests and trials can afford a short one)
+SENTINEL_DOWN_AFTER_MS = 1000
+#: milliseconds a Sentinel gives one failover before another may try
+SENTINEL_FAILOVER_TIMEOUT_MS = 10000
 
 
 @dataclass
@@ -151,6 +161,7 @@ def _start(name: str, home: Path, argv: list[str], url: str, port: int | None, h
     for attempt in range(1, PORT_ATTEMPTS + 1):
         chosen = port or free_port()
         cmd = [arg.replace("{port}", str(chosen)) for arg in argv]
+        kind = name.split("-")[0]  # redis-replica, sentinel-2: started and probed as their kind
         with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             offset = out.tell()
             try:
@@ -158,12 +169,12 @@ def _start(name: str, home: Path, argv: list[str], url: str, port: int | None, h
             except OSError as exc:
                 raise ConfigError(f"cannot run {name} ({shlex.join(cmd)}): {exc}; {INSTALL_HINT}") from exc
         server = Server(name, process.pid, chosen, url.format(port=chosen), log, process)
-        started, error, timeout = time.monotonic(), "none", START_TIMEOUTS[name]
+        started, error, timeout = time.monotonic(), "none", START_TIMEOUTS[kind]
         try:
             while process.poll() is None and time.monotonic() - started < timeout:
                 try:
                     if _listens(process.pid, chosen):
-                        _probe(name, chosen, *([host] if host != "127.0.0.1" else []))
+                        _probe(kind, chosen, *([host] if host != "127.0.0.1" else []))
                         if process.poll() is None:
                             server.startup_seconds = time.monotonic() - started
                             return server
@@ -187,7 +198,7 @@ def _start(name: str, home: Path, argv: list[str], url: str, port: int | None, h
 
 def _probe(name: str, port: int, host: str = "127.0.0.1") -> None:
     """Ask the server something that only a ready `name` answers; raise while it cannot."""
-    if name == "redis":
+    if name in ("redis", "sentinel"):
         with closing(redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1)) as client:
             client.ping()
     elif name == "mongo":
@@ -205,8 +216,103 @@ def start_redis(home: Path, *, persistent: bool = False, port: int | None = None
     `bind` is the one address it listens on (another host's nodes need a routable one)."""
     (home / "redis").mkdir(parents=True, exist_ok=True)
     flags = f"--port {{port}} --bind {bind} --appendonly {'yes' if persistent else 'no'} --protected-mode no"
+    flags += " --repl-diskless-sync-delay 0"  # a replica, if one comes, syncs at once
     argv = [find_redis_server(), *flags.split(), "--save", "", "--dir", str(home / "redis")]
     return _start("redis", home, argv, f"redis://{bind}:{{port}}/0", port, bind)
+
+
+def start_redis_replica(home: Path, primary: Server, *, port: int | None = None) -> Server:
+    """A replica of `primary` (no persistence), ready once its replication link is up."""
+    (home / "redis-replica").mkdir(parents=True, exist_ok=True)
+    flags = f"--port {{port}} --bind 127.0.0.1 --appendonly no --protected-mode no --replicaof 127.0.0.1 {primary.port}"
+    argv = [find_redis_server(), *flags.split(), "--save", "", "--dir", str(home / "redis-replica")]
+    replica = _start("redis-replica", home, argv, "redis://127.0.0.1:{port}/0", port)
+    with closing(redis.Redis(port=replica.port, socket_timeout=2, decode_responses=True)) as client:
+        _wait(lambda: client.info("replication").get("master_link_status") == "up", START_TIMEOUTS["redis"],
+              f"the embedded replica on port {replica.port} to sync with the primary", replica)  # fmt: skip
+    return replica
+
+
+def start_sentinel(home: Path, index: int, primary: Server, *, port: int | None = None) -> Server:
+    """The Sentinel number `index`, watching `primary` as master ``SENTINEL_MASTER``.
+
+    It is ``redis-server --sentinel`` with a config file of its own, which it rewrites as it
+    learns the replicas, the other Sentinels and each failover."""
+    directory = home / f"sentinel-{index}"
+    directory.mkdir(parents=True, exist_ok=True)
+    m = SENTINEL_MASTER
+    (directory / "sentinel.conf").write_text(
+        f"bind 127.0.0.1\nprotected-mode no\ndir {directory}\n"
+        f"sentinel monitor {m} 127.0.0.1 {primary.port} {SENTINEL_QUORUM}\n"
+        f"sentinel down-after-milliseconds {m} {SENTINEL_DOWN_AFTER_MS}\n"
+        f"sentinel failover-timeout {m} {SENTINEL_FAILOVER_TIMEOUT_MS}\n"
+        f"sentinel parallel-syncs {m} 1\n"
+    )
+    argv = [find_redis_server(), str(directory / "sentinel.conf"), "--sentinel", "--port", "{port}"]
+    return _start(f"sentinel-{index}", home, argv, "redis://127.0.0.1:{port}", port)
+
+
+def start_sentinel_topology(home: Path) -> list[Server]:
+    """A primary (``redis``), its replica and ``SENTINELS`` Sentinels, ready for a failover;
+    on a failure every one started is stopped again."""
+    servers: list[Server] = []
+    try:
+        servers.append(primary := start_redis(home))
+        servers.append(start_redis_replica(home, primary))
+        servers += [start_sentinel(home, index, primary) for index in range(1, SENTINELS + 1)]
+        wait_sentinels_ready(servers[2:])
+    except BaseException:
+        for server in reversed(servers):
+            server.stop()
+        raise
+    return servers
+
+
+def sentinel_url(sentinels: list[Server], master: str = SENTINEL_MASTER, db: int = 0) -> str:
+    """The ``sentinel://`` URL of these Sentinels (see dm/redis_conn.py)."""
+    return "sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in sentinels) + f"/{master}/{db}"
+
+
+def wait_sentinels_ready(sentinels: list[Server], replicas: int = 1, timeout: float = 30.0) -> None:
+    """Until every Sentinel knows the master, `replicas` replicas and every other Sentinel:
+    before that, a primary that dies may not be failed over."""
+
+    def ready(server: Server) -> bool:
+        with closing(redis.Redis(port=server.port, socket_timeout=2, decode_responses=True)) as client:
+            known = client.sentinel_slaves(SENTINEL_MASTER)
+            peers = client.sentinel_sentinels(SENTINEL_MASTER)
+        usable = [r for r in known if "s_down" not in r["flags"] and "disconnected" not in r["flags"]]
+        return len(usable) >= replicas and len(peers) >= len(sentinels) - 1
+
+    for server in sentinels:
+        _wait(functools.partial(ready, server), timeout, "the embedded Sentinels to know each other", server)
+
+
+def sentinel_master(sentinels: list[Server]) -> tuple[str, int] | None:
+    """Where the Sentinels say the master is now (the first that answers), or None."""
+    for server in sentinels:
+        try:
+            with closing(
+                redis.Redis(port=server.port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
+            ) as client:
+                address = client.sentinel_get_master_addr_by_name(SENTINEL_MASTER)
+        except redis.RedisError:
+            continue
+        if address:
+            return str(address[0]), int(address[1])
+    return None
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str, server: Server) -> None:
+    deadline, error = time.monotonic() + timeout, "none"
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except redis.RedisError as exc:
+            error = repr(exc)
+        time.sleep(0.1)
+    raise ConfigError(f"timed out after {timeout:g}s waiting for {what} ({error}); see {server.log}")
 
 
 def start_mongo(home: Path, *, port: int | None = None, bind: str = "127.0.0.1") -> Server:
@@ -225,26 +331,34 @@ def start_kafka(home: Path, *, port: int | None = None) -> Server:
 
 
 class EmbeddedStack:
-    """Redis, MongoDB and (optionally) Kafka under `home`, started and stopped together."""
+    """Redis, MongoDB and (optionally) Kafka under `home`, started and stopped together.
 
-    def __init__(self, home: Path, *, kafka: bool = True, persistent_redis: bool = False) -> None:
+    With `sentinel`, Redis is a primary (``redis``), a replica (``redis-replica``) and
+    three Sentinels (``sentinel-1``..``3``) watching them, and `redis_url` names the
+    Sentinels; a failover moves the master to the replica."""
+
+    def __init__(self, home: Path, *, kafka: bool = True, persistent_redis: bool = False,
+                 sentinel: bool = False) -> None:  # fmt: skip
         self.home = Path(home)
-        self.kafka, self.persistent_redis = kafka, persistent_redis
+        self.kafka, self.persistent_redis, self.sentinel = kafka, persistent_redis, sentinel
         #: the running servers, in the order they started
         self.servers: list[Server] = []
 
     def start(self, progress: Callable[[str], None] | None = None) -> EmbeddedStack:
         """Start each server not yet running; on a failure stop those started, then raise."""
-        starters: list[Callable[[], Server]] = [
-            lambda: start_redis(self.home, persistent=self.persistent_redis),
-            lambda: start_mongo(self.home),
-            *([lambda: start_kafka(self.home)] if self.kafka else []),
-        ]
+        starters: list[Callable[[], Server]] = [lambda: start_redis(self.home, persistent=self.persistent_redis)]
+        if self.sentinel:
+            starters.append(lambda: start_redis_replica(self.home, self.server("redis")))
+            starters += [functools.partial(self._start_sentinel, i) for i in range(1, SENTINELS + 1)]
+        starters.append(lambda: start_mongo(self.home))
+        starters += [lambda: start_kafka(self.home)] if self.kafka else []
         try:
             for starter in starters[len(self.servers) :]:
                 self.servers.append(server := starter())
                 if progress:
                     progress(f"{server.name} ready at {mask_url(server.url)} (in {server.startup_seconds:.1f}s)")
+                if server.name == f"sentinel-{SENTINELS}":
+                    wait_sentinels_ready(self.sentinels)
         except BaseException:
             self.stop()
             raise
@@ -255,14 +369,28 @@ class EmbeddedStack:
         while self.servers:
             self.servers.pop().stop()
 
-    def _url(self, name: str) -> str:
+    def _start_sentinel(self, index: int) -> Server:
+        return start_sentinel(self.home, index, self.server("redis"))
+
+    def server(self, name: str) -> Server:
+        """The started server called `name`."""
         for server in self.servers:
             if server.name == name:
-                return server.url
+                return server
         raise RuntimeError(f"the embedded {name} is not running; call start() first")
+
+    def _url(self, name: str) -> str:
+        return self.server(name).url
+
+    @property
+    def sentinels(self) -> list[Server]:
+        return [s for s in self.servers if s.name.startswith("sentinel-")]
 
     @property
     def redis_url(self) -> str:
+        if self.sentinel:
+            self.server(f"sentinel-{SENTINELS}")  # raises until all are started
+            return sentinel_url(self.sentinels)
         return self._url("redis")
 
     @property

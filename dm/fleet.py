@@ -20,6 +20,7 @@ import redis
 
 from dm import constants as c
 from dm import keys as k
+from dm import redis_conn
 from dm.balancer import NodeView
 from dm.models import Demand, MetricsSample
 
@@ -30,7 +31,8 @@ def redis_client(url: str) -> redis.Redis:
     """One client (a connection pool) per URL and process."""
     client = _clients.get(url)
     if client is None:
-        client = redis.Redis.from_url(
+        # a Sentinel URL gives a client of the current master (dm.redis_conn)
+        client = redis_conn.client(
             url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3, health_check_interval=10
         )
         _clients[url] = client

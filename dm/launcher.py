@@ -62,10 +62,12 @@ def up(
     beat: bool = True,
     metrics_address: str = "127.0.0.1",
     metrics_port: int | None = DEFAULT_METRICS_PORT,
+    sentinel: bool = False,
 ) -> dict[str, Any]:
     """Start everything; returns the state recorded in ``stack.json``.
 
-    ``metrics_port=None`` starts no metrics exporter.
+    ``metrics_port=None`` starts no metrics exporter; ``sentinel`` makes the embedded Redis a
+    primary, a replica and three Sentinels.
     """
     home = settings.home
     existing = read_stack_state(home)
@@ -78,7 +80,8 @@ def up(
     try:
         if settings.embedded:
             say(f"starting the embedded stack under {home / 'stack'} ...")
-            stack = embedded.EmbeddedStack(home / "stack", kafka=bridge).start(progress=lambda m: say("  " + m))
+            stack = embedded.EmbeddedStack(home / "stack", kafka=bridge, sentinel=sentinel)
+            stack.start(progress=lambda m: say("  " + m))
             settings = settings.with_(
                 redis_url=stack.redis_url, mongo_url=stack.mongo_url, kafka_bootstrap=stack.kafka_bootstrap or ""
             )

@@ -14,7 +14,7 @@ os.environ["DM_HOME"] = tempfile.mkdtemp(prefix="dm-test-home-")
 for _name in ("DM_DATABASE",):
     os.environ.pop(_name, None)
 
-from tests.servers import stack  # noqa: F401, E402  (session fixture: Redis, MongoDB, Kafka)
+from tests.servers import sentinel_redis, stack  # noqa: F401, E402  (fixtures: Redis, MongoDB, Kafka; Sentinels)
 from tests.system import System  # noqa: E402
 
 

@@ -7,6 +7,9 @@ a temporary directory and stops every server by its PID at the end.
 
 ``stack_factory`` (function): starts private stacks (no Kafka unless asked) for tests
 that kill, restart or break a server, and stops them after the test.
+
+``sentinel_redis`` (function): a Redis primary, a replica and three Sentinels (the
+embedded topology, dm.embedded) for one test; ``.url`` is its ``sentinel://`` URL.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from dm.embedded import EmbeddedStack
+from dm import embedded
+from dm.embedded import EmbeddedStack, Server
 
 #: the variables that point the tests at external servers instead
 ENV_VARS = ("DM_REDIS_URL", "DM_MONGO_URL", "DM_KAFKA_BOOTSTRAP")
@@ -75,3 +79,37 @@ def stack_factory(tmp_path: Path) -> Iterator[Callable[..., EmbeddedStack]]:
     finally:
         for one in reversed(started):
             one.stop()
+
+
+@dataclass
+class SentinelTopology:
+    """A primary, a replica and the Sentinels watching them; every process stopped by PID."""
+
+    servers: list[Server]
+
+    @property
+    def sentinels(self) -> list[Server]:
+        return [s for s in self.servers if s.name.startswith("sentinel-")]
+
+    @property
+    def url(self) -> str:
+        return embedded.sentinel_url(self.sentinels)
+
+    def master(self) -> Server | None:
+        """The server the Sentinels call the master now."""
+        address = embedded.sentinel_master(self.sentinels)
+        return next((s for s in self.servers if address and s.port == address[1]), None)
+
+    def stop(self) -> None:
+        while self.servers:
+            self.servers.pop().stop()
+
+
+@pytest.fixture
+def sentinel_redis(tmp_path: Path) -> Iterator[SentinelTopology]:
+    """A primary, a replica and three Sentinels on free loopback ports, for one test."""
+    topology = SentinelTopology(embedded.start_sentinel_topology(tmp_path / "sentinel"))
+    try:
+        yield topology
+    finally:
+        topology.stop()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dm import fleet, node_manager
+from dm import fleet, node_manager, redis_conn
 from dm.control import Control
 from dm.embedded import stop_pid
 from dm.settings import Settings
@@ -77,9 +77,9 @@ class System:
         # this test process sends tasks with the same settings as the workers
         from dm.app import app
 
-        if app.conf.broker_url != redis_url:
+        if app.conf.broker_url != redis_conn.broker_url(redis_url):
             forget_connections()
-        app.conf.broker_url = app.conf.result_backend = redis_url
+        redis_conn.configure_celery(app.conf, redis_url)
         import dm.control
 
         dm.control._control = self.ctl

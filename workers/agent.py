@@ -33,6 +33,7 @@ from dm.backoff import Backoff
 from dm.control import Control
 from dm.lifecycle import Actor, set_node_state, transition
 from dm.models import ACTIVE_STATES, LOST, STOPPED, STOPPING
+from dm.redis_conn import configure_celery
 from dm.settings import Settings
 from workers import housekeeping, tasks, watchdog
 from workers.metrics import HostSampler, Presence, Publisher, TreeSampler, host_capacity, lease_client
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.require_servers()
     settings = settings.with_(mongo_url=bounded(settings.mongo_url))
     if args.redis or args.mongo:
-        app.conf.broker_url = app.conf.result_backend = settings.redis_url
+        configure_celery(app.conf, settings.redis_url)
     ctl = Control(settings)
     r = ctl.redis
     node_id = args.id or _until_reachable("Redis", lambda: node_manager.next_node_id(ctl))

@@ -26,7 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dm import fleet, keys
+from dm import fleet, keys, redis_conn
 from dm.models import MetricsSample
 from workers.watchdog import FENCE_FRACTION
 
@@ -101,7 +101,7 @@ class HostSampler:
 def lease_client(url: str, lease_ttl: float) -> redis.Redis:
     """A Redis client for lease renewals: it fails fast, so the caller decides when to retry."""
     timeout = max(0.2, lease_ttl / 3)
-    return redis.Redis.from_url(
+    return redis_conn.client(
         url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0), health_check_interval=0,
     )  # fmt: skip
@@ -196,7 +196,7 @@ class Presence(threading.Thread):
 
     def __init__(self, url: str, node_id: str) -> None:
         super().__init__(name=f"dm-presence-{node_id}", daemon=True)
-        self.client = redis.Redis.from_url(
+        self.client = redis_conn.client(
             url, client_name=fleet.presence_name(node_id), socket_keepalive=True, socket_timeout=self.POLL * 2,
             socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
         )  # fmt: skip
