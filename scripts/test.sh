@@ -12,5 +12,12 @@ echo "== ruff"
 "$VENV/bin/ruff" format --check .
 echo "== mypy"
 "$VENV/bin/mypy"
-echo "== pytest"
-"$VENV/bin/pytest" "$@"
+if [ "$#" -gt 0 ]; then  # arguments: run just what they select
+  echo "== pytest $*"
+  exec "$VENV/bin/pytest" "$@"
+fi
+# the fast unit tests first (the domain against in-memory ports, no server), then the rest
+echo "== pytest -m unit"
+"$VENV/bin/pytest" -q -m unit
+echo "== pytest (servers: Redis, MongoDB-compatible, Kafka-compatible, started by the fixtures)"
+"$VENV/bin/pytest" -m "not unit"
