@@ -46,6 +46,10 @@ REBALANCED = (
 )
 #: seconds between the log lines that count what was committed
 STATS_EVERY = 10.0
+#: a record the broker refused as too large (its limit is below the producer's)
+TOO_LARGE = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListTooLargeError)
+#: what dead letters are cut to when the broker refused one as too large
+DLQ_FALLBACK_BYTES = 64 * 1024
 
 
 class BrokerGone(OSError):
@@ -150,7 +154,16 @@ class RequestConsumer:
         self.intake.enqueue(outcome)
         # cut to what the producer sends: a record it refuses would hold the partition up for good
         letters = [d.fitted(self.s.max_request_size) for d in outcome.dead]
-        self._send(producer, [(self.s.dlq_topic, d.key, d.value, d.headers()) for d in letters])
+        try:
+            self._send(producer, [(self.s.dlq_topic, d.key, d.value, d.headers()) for d in letters])
+        except TOO_LARGE as exc:  # the broker takes less than the producer (message.max.bytes): cut more
+            log.warning(
+                "requests: the broker refused a dead letter as too large (%s); sending the batch's dead letters "
+                "again cut to %d bytes (set DM_BRIDGE_MAX_REQUEST_SIZE to the broker's limit)",
+                describe(exc), DLQ_FALLBACK_BYTES,
+            )  # fmt: skip
+            letters = [d.fitted(min(DLQ_FALLBACK_BYTES, self.s.max_request_size)) for d in outcome.dead]
+            self._send(producer, [(self.s.dlq_topic, d.key, d.value, d.headers()) for d in letters])
         for dead in letters:
             cut = f" (value cut from {dead.size} bytes)" if dead.truncated else ""
             log.info("requests: %s[%d]@%d to the DLQ%s: %s", dead.topic, dead.partition, dead.offset, cut, dead.reason)

@@ -126,7 +126,7 @@ class Intake:
             outcome.accepted = [a for a in outcome.accepted if (a[1].request_id or "") not in refused]
 
     def _create(
-        self, items: list[tuple[DeployRequest, Doc]]
+        self, items: list[tuple[DeployRequest, Doc]], split: bool = False
     ) -> tuple[list[tuple[Doc, bool]], dict[str, BaseException]]:
         """``create_deployments(items)``, splitting on a permanent error until each request that
         causes one is alone: (results of the ones recorded, {request id: error} of the others)."""
@@ -139,10 +139,11 @@ class Intake:
                 request = items[0][0]
                 log.warning("requests: MongoDB refuses request %r: %s", request.request_id, describe(exc))
                 return [], {request.request_id or "": exc}
-            log.info("requests: a write of %d requests failed (%s); splitting it", len(items), describe(exc))
+            if not split:  # once per batch, not once per half
+                log.info("requests: a write of %d requests failed (%s); splitting it", len(items), describe(exc))
         middle = len(items) // 2
-        first, first_refused = self._create(items[:middle])
-        second, second_refused = self._create(items[middle:])
+        first, first_refused = self._create(items[:middle], split=True)
+        second, second_refused = self._create(items[middle:], split=True)
         return first + second, first_refused | second_refused
 
     def enqueue(self, outcome: Outcome) -> None:

@@ -34,6 +34,9 @@ def check_storable(value: Any) -> None:
 
 
 def _show(path: str) -> str:
+    """A path for a reason: ``args.a.b[2]``, its middle cut when it is long."""
+    if len(path) > 120:
+        return f"{path[:60]}...{path[-40:]}"
     return path or "the request"
 
 

@@ -323,3 +323,50 @@ def test_a_wrong_security_setting_is_a_config_error_that_says_what_to_set(env: d
 def test_json_of_a_request_round_trips_through_the_check() -> None:
     raw = json.dumps({"request_id": "r", "algorithm": "hello", "args": {"x": [1, {"y": "z"}]}}).encode()
     assert decode_request(raw, 4096, 64).args == {"x": [1, {"y": "z"}]}
+
+
+class SmallBroker:
+    """A producer whose broker takes records up to ``limit`` bytes (its message.max.bytes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.stored = limit, []  # type: ignore[var-annotated]
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Any) -> Any:
+        size = len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers)
+        error = None
+        if size > self.limit:
+            from kafka.errors import MessageSizeTooLargeError
+
+            error = MessageSizeTooLargeError(f"{size} bytes")
+        else:
+            self.stored.append((key, value, headers))
+
+        def get(timeout: float) -> None:
+            if error is not None:
+                raise error
+
+        return SimpleNamespace(get=get)
+
+    def flush(self, timeout: float) -> None:
+        pass
+
+
+def test_a_dead_letter_the_broker_refuses_as_too_large_is_sent_again_cut_smaller() -> None:
+    import threading
+
+    from bridge.consumer import DLQ_FALLBACK_BYTES, RequestConsumer
+    from bridge.intake import Outcome
+
+    # Given a broker that takes less than the producer's maximum, and a batch with a large dead letter
+    intake = SimpleNamespace(record=lambda outcome: None, enqueue=lambda outcome: None)
+    consumer = RequestConsumer(BridgeSettings(bootstrap="k:1"), intake, threading.Event())  # type: ignore[arg-type]
+    value = b"x" * 500_000
+    outcome = Outcome(dead=[DeadLetter("req", 0, 9, "too large", "too_large", b"k", value, 1)])
+    broker_ = SmallBroker(limit=200_000)
+    # When the batch is delivered
+    consumer._deliver(broker_, outcome)  # type: ignore[arg-type]
+    consumer.pool.shutdown()
+    # Then the dead letter is in the DLQ, cut to the fallback size, with the original's size and hash
+    [(_, stored, headers)] = broker_.stored
+    assert len(stored) < DLQ_FALLBACK_BYTES and value.startswith(stored)
+    assert dict(headers)["dm.sha256"] == hashlib.sha256(value).hexdigest().encode()
