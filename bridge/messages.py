@@ -4,7 +4,7 @@
   (no other field: a typo such as ``"arg"`` must not run with no args);
   :func:`decode_request` turns its bytes into a :class:`DeployRequest` or raises a
   :class:`Rejected` that says why, including a value MongoDB could not store
-  (:mod:`bridge.storable`).
+  (:mod:`dm.storable`).
 - ``dm.requests.dlq``: the original key and bytes, with the reason and where they came
   from in ``dm.*`` headers (:class:`DeadLetter`); a value too large for the producer is
   cut, its full size and sha256 in the headers.
@@ -20,9 +20,9 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from bridge.storable import Unstorable, check_storable
 from dm.errors import BadRequest, DMError
 from dm.models import DeployRequest
+from dm.storable import Unstorable, check_storable
 
 #: header names of a dead letter
 HEADER_PREFIX = "dm."

@@ -8,6 +8,7 @@ started with the lock held (the reconcilers add nodes, outside it).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -15,11 +16,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from dm import balancer
-from dm.errors import NoCapacity
+from dm.errors import InvalidArgs, NoCapacity
 from dm.lifecycle import ACTIVE, FINAL, WAITING, Actor, D, Effect, apply_effects, new_deployment, rule, transition
 from dm.models import AlgorithmSpec, Demand, DeployRequest
 from dm.package import validate_args
 from dm.ports import Lock, Ports
+from dm.storable import Unstorable, check_storable
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,25 @@ def _placing(ports: Ports, demand: Demand) -> Iterator[tuple[Lock, str | None, s
         lock.release()
 
 
+#: the largest args a deployment takes, as JSON: they reach the algorithm in one environment
+#: variable (DM_ARGS), and Linux refuses one longer than 128 KiB (MAX_ARG_STRLEN) at exec
+MAX_ARGS_BYTES = 64 * 1024
+
+
+def check_args_storable(args: dict[str, Any]) -> None:
+    """Refuse args the registry cannot store or the environment cannot carry, saying why."""
+    try:
+        check_storable({"args": args})
+    except Unstorable as exc:
+        raise InvalidArgs(f"{exc}") from exc
+    size = len(json.dumps(args, ensure_ascii=False).encode())
+    if size > MAX_ARGS_BYTES:
+        raise InvalidArgs(
+            f"args are {size:,} bytes as JSON, over the {MAX_ARGS_BYTES:,} an algorithm can be given in DM_ARGS; "
+            "pass large inputs by reference (a path or a URL in the args) instead"
+        )
+
+
 def check_fits(ports: Ports, demand: Demand) -> None:
     """Refuse a demand no node the provider starts can ever hold, with a message that names
     the node size. A provider that starts no nodes (``static``) refuses nothing: an operator
@@ -99,6 +120,7 @@ def deploy(ports: Ports, request: DeployRequest) -> Doc:
     received = time.time()  # the pending event's time: placement latency is measured from it
     algorithm = ports.catalogue.algorithm(request.algorithm, request.version)
     validate_args(AlgorithmSpec.from_dict(algorithm["spec"]), request.args)
+    check_args_storable(request.args)
     demand = Demand.from_dict(algorithm["spec"]["demand"])
     check_fits(ports, demand)
     with _placing(ports, demand) as (lock, node_id, reason, nodes):

@@ -20,10 +20,10 @@ from bridge import broker
 from bridge.intake import Intake
 from bridge.messages import DeadLetter, Rejected, decode_request
 from bridge.settings import BridgeSettings
-from bridge.storable import MAX_DEPTH, Unstorable, check_storable
 from dm.errors import ConfigError, RegistryUnavailable
 from dm.models import DeployRequest
 from dm.outage import TRANSIENT, is_outage
+from dm.storable import MAX_DEPTH, Unstorable, check_storable
 
 pytestmark = pytest.mark.unit
 

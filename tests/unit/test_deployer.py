@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dm import deployer
@@ -109,3 +111,20 @@ def test_a_provider_that_starts_no_nodes_lets_a_big_demand_wait_for_a_bigger_nod
     assert waiting["state"] == "pending"
     ports.add_node("9", cpus=8, memory=4096)  # started by hand
     assert deployer.place(ports, waiting["_id"])["node"] == "9"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ({"n": 18446744073709551616}, "64-bit"),
+        ({"a\x00b": 1}, "NUL"),
+        ({"$where": 1}, "$"),
+        ({"blob": "x" * 70_000}, "DM_ARGS"),
+    ],
+)
+def test_args_the_registry_cannot_store_or_the_environment_cannot_carry_are_refused(
+    ports: MemoryPorts, args: dict, says: str
+) -> None:
+    with pytest.raises(InvalidArgs, match=re.escape(says)):
+        deployer.deploy(ports, DeployRequest(algorithm="hello", args=args))
+    assert ports.store.docs == {}
