@@ -128,6 +128,11 @@ class Fleet(Protocol):
 
     def leases(self, node_ids: Iterable[str]) -> dict[str, bool]: ...
 
+    def observe(self) -> dict[str, dict[str, str]]:
+        """The live nodes (up, starting, stopping), in one read: id -> {state, since, lease
+        ('1' held, '0' not), ts (present once it has published a sample)}."""
+        ...
+
     def present(self) -> set[str] | None:
         """Node ids with a presence connection open; None when that cannot be seen."""
         ...

@@ -298,6 +298,16 @@ class MemoryFleet:
             out[node_id] = h
         return out
 
+    def observe(self) -> dict[str, dict[str, str]]:
+        live = ("up", "starting", "stopping")
+        out = {}
+        for node_id, h in self.node_hashes().items():
+            if h["state"] in live:
+                lease = "1" if self.nodes[node_id].lease else "0"
+                out[node_id] = {"state": h["state"], "since": h["since"], "lease": lease,
+                                **({"ts": "1"} if "ts" in h else {})}  # fmt: skip
+        return out
+
     def leases(self, node_ids: Iterable[str]) -> dict[str, bool]:
         return {i: bool(self.nodes.get(i) and self.nodes[i].lease) for i in node_ids}
 

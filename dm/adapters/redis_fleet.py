@@ -71,6 +71,9 @@ class RedisFleet:
     def leases(self, node_ids: Iterable[str]) -> dict[str, bool]:
         return fleet.leases(self.r, node_ids)
 
+    def observe(self) -> dict[str, dict[str, str]]:
+        return fleet.observe(self.r)
+
     def present(self) -> set[str] | None:
         return fleet.present_nodes(self.r)
 

@@ -109,12 +109,11 @@ def judge(obs: Observation, s: Settings) -> Verdict:
 
 def observe(ports: Ports, now: float) -> Observation:
     f = ports.fleet
-    nodes = f.node_hashes()
-    live = [n for n, h in nodes.items() if h.get("state") in (*LIVE_NODE, NodeState.STOPPING)]
+    nodes = f.observe()  # the live nodes only, with their leases: one read
     return Observation(
         now=now,
         nodes=nodes,
-        leases=f.leases(live),
+        leases={n: h.get("lease") == "1" for n, h in nodes.items()},
         present=f.present(),
         exited=set(ports.provider.exited()),
         server_id=f.server_id(),
