@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from dm import fleet
 from dm import keys as k
 from dm.embedded import _running
 from tests.ledger import overlaps
@@ -124,11 +125,15 @@ def test_kill_9_of_the_primary_kills_nothing_loses_no_deploy(
     wait_for(lambda: any(t > promoted_at for t in scheduler.accepted.values()),
              max(0.5, 10 - (time.monotonic() - promoted_at)), what="a deploy accepted after the promotion")  # fmt: skip
     worked_after = min(t for t in scheduler.accepted.values() if t > promoted_at) - promoted_at
-    # and everyone now talks to the new master: a new run, with every node's lease renewed there
+    # and everyone now talks to the new master, a new run: each node's presence connection
+    # is there, and it has published a sample (renewing its lease) since the promotion
     assert system.ctl.redis.info("server")["tcp_port"] == promoted.port
     assert system.ctl.redis.info("server")["run_id"] != run_before
     nodes = sorted({d["node"] for d in before.values()})
-    wait_for(lambda: all(system.ctl.redis.exists(k.LEASE.format(n)) for n in nodes), 15, what="leases renewed")
+    promoted_wall = time.time() - (time.monotonic() - promoted_at)
+    wait_for(lambda: set(nodes) <= (fleet.present_nodes(system.ctl.redis) or set()), 15, what="nodes present")
+    wait_for(lambda: all(float(system.ctl.redis.hget(k.NODE.format(n), "ts") or 0) > promoted_wall for n in nodes),
+             15, what="every node publishing to the new master")  # fmt: skip
     # past the grace a new run gives (one lease), with detector passes after it
     detector = lambda: system.ctl.redis.hgetall(k.DETECTOR)  # noqa: E731
     wait_for(lambda: float(detector().get("seen") or 0) > float(detector().get("blind_until") or 1e18) + 1, 30,
