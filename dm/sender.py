@@ -31,8 +31,10 @@ class TaskSender:
     def __init__(self, app: Celery) -> None:
         self.app = app
         self.url = url = str(app.conf.broker_url or "")
-        is_redis = url.startswith(("redis://", "rediss://", "unix://"))
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5) if is_redis else None
+        #: the broker is a Redis (possibly found through Sentinels): messages can ride a pipeline of it
+        self.is_redis = url.startswith(("redis://", "rediss://", "unix://", "sentinel://"))
+        direct = self.is_redis and not url.startswith("sentinel://")
+        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5) if direct else None
         self.prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
         self._templates: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
 
@@ -80,7 +82,7 @@ class TaskSender:
     def push(self, pipe: Any, orders: Sequence[Order]) -> bool:
         """Add the LPUSHes of ``orders`` to a Redis pipeline of the broker; False (nothing
         added) when the broker is not Redis: then call :meth:`send`."""
-        if self.redis is None:
+        if not self.is_redis:
             return False
         for order in orders:
             pipe.lpush(self.key(order[1]), self.message(order))

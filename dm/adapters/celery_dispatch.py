@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from dm import constants as c
-from dm import fleet, signing
+from dm import fleet, redis_conn, signing
 from dm.models import Demand
 from dm.ports import Lock
 from dm.sender import Order, TaskSender
@@ -74,7 +74,7 @@ class CeleryDispatcher:
             fleet.allocate(self.r, doc["node"], doc["_id"], demand, pipe=pipe)
         if lock is not None:
             lock.release(pipe)
-        same = app.conf.broker_url == self.redis_url
+        same = app.conf.broker_url == redis_conn.broker_url(self.redis_url)  # this Redis is the broker
         queued = same and sender().push(pipe, [run_order(doc)])
         pipe.execute()
         if not queued:
