@@ -7,6 +7,8 @@ dm's own settings may also be set here as ``dm_<field>`` (see ``dm/settings.py``
 
 import os
 
+from dm.envconf import coerce
+
 # JSON only: the broker must never be a way to run code
 task_serializer = "json"
 result_serializer = "json"
@@ -52,7 +54,6 @@ timezone = "UTC"
 for _name, _value in list(globals().items()):
     _env = os.environ.get("CELERY_" + _name.upper())
     if _env is not None and not _name.startswith("_") and _value is not None:
-        if isinstance(_value, bool):  # bool("False") is True: read the word
-            globals()[_name] = _env.strip().lower() in ("1", "true", "yes", "on")
-        else:
-            globals()[_name] = type(_value)(_env) if isinstance(_value, (int, float, str)) else _env
+        # read by the type of the default, as dm's own settings are (a boolean is the word)
+        kind = type(_value) if isinstance(_value, (bool, int, float, str)) else str
+        globals()[_name] = coerce("CELERY_" + _name.upper(), kind, _env)

@@ -17,12 +17,13 @@ not in a repr, a log line or an error message.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dm import constants as c
 from dm import keys as k
+from dm.envconf import read_fields
 from dm.errors import ConfigError
 
 #: env prefix of every bridge setting
@@ -55,13 +56,7 @@ class KafkaSecurity:
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> KafkaSecurity:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(KAFKA_PREFIX + f.name.upper())
-            if raw not in (None, ""):
-                kind = bool if f.name == "ssl_check_hostname" else str
-                values[f.name] = _coerce(f.name, kind, raw, KAFKA_PREFIX)
-        security = cls(**values)
+        security = cls(**read_fields(cls, env, KAFKA_PREFIX))
         security.validate()
         return security
 
@@ -179,11 +174,10 @@ class BridgeSettings:
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> BridgeSettings:
         """``DM_BRIDGE_<FIELD>`` variables; ``bootstrap`` falls back to dm's ``kafka_bootstrap``."""
         env = dict(os.environ if env is None else env)
-        values: dict[str, Any] = {"security": KafkaSecurity.from_env(env)}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw not in (None, "") and f.name != "security":
-                values[f.name] = _coerce(f.name, type(getattr(cls, f.name)), raw)
+        values: dict[str, Any] = {
+            "security": KafkaSecurity.from_env(env),
+            **read_fields(cls, env, ENV_PREFIX, skip=("security",)),
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         if not settings.bootstrap:
@@ -202,15 +196,3 @@ class BridgeSettings:
     @property
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.bootstrap.split(",") if s.strip()]
-
-
-def _coerce(name: str, kind: type, raw: str, prefix: str = ENV_PREFIX) -> Any:
-    try:
-        if kind is bool:
-            if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes", "on")
-        return kind(raw)
-    except ValueError as exc:
-        shown = "(hidden)" if "password" in name else repr(raw)
-        raise ConfigError(f"setting {prefix}{name.upper()}={shown} is not a valid {kind.__name__}") from exc

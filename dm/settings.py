@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from dm import constants as c
+from dm.envconf import read_fields
 from dm.errors import ConfigError
 
 #: seconds finished deployments, dead nodes and node files are kept (DM_RETENTION): 7 days
@@ -27,6 +28,10 @@ DEFAULT_LOG_KEEP = 3
 
 def _home() -> Path:
     return Path(os.environ.get("DM_HOME") or Path.home() / ".dm")
+
+
+#: settings that are durations (``7d``, ``30m``, or seconds)
+DURATIONS = ("retention", "retention_interval")
 
 
 @dataclass(frozen=True)
@@ -72,15 +77,8 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``DM_<FIELD>`` variables, then ``celeryconfig.dm_<field>``."""
         env = dict(os.environ if env is None else env)
-        values: dict[str, Any] = {}
         config = _celeryconfig()
-        for f in fields(cls):
-            raw: Any = env.get(f"DM_{f.name.upper()}")
-            if raw in (None, ""):
-                raw = config.get(f"dm_{f.name}")
-            if raw in (None, ""):
-                continue
-            values[f.name] = _coerce(f.name, f.type, raw)
+        values = read_fields(cls, env, "DM_", fallback=lambda name: config.get(f"dm_{name}"), durations=DURATIONS)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         if not settings.redis_url or not settings.mongo_url:
@@ -151,20 +149,6 @@ def read_stack_state(home: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-#: seconds per unit of a duration like "7d"
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(raw: Any) -> float:
-    """Seconds from a number or a string like ``"90"``, ``"30m"``, ``"7d"``."""
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return float(raw)
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*", str(raw).lower())
-    if not found:
-        raise ValueError(f"not a duration: {raw!r} (give seconds, or a number with s, m, h or d)")
-    return float(found[1]) * _UNITS[found[2]]
-
-
 def mask_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (``redis://:***@host:6379/0``), for
     anything dm prints or logs; a URL without a password is returned as it is. Several
@@ -187,22 +171,6 @@ def mask_url(url: str) -> str:
 def _mask_query(query: str) -> str:
     """Passwords passed as query options (``?password=...``, ``tlsCertificateKeyFilePassword``)."""
     return re.sub(r"((?:^|&)[^=&]*password[^=&]*=)[^&]*", r"\1***", query, flags=re.IGNORECASE)
-
-
-def _coerce(name: str, kind: Any, raw: Any) -> Any:
-    kind = str(kind)
-    try:
-        if name in ("retention", "retention_interval"):
-            return parse_duration(raw)
-        if "float" in kind:
-            return float(raw)
-        if "int" in kind:
-            return int(raw)
-        if "Path" in kind:
-            return Path(raw)
-        return str(raw)
-    except ValueError as exc:
-        raise ConfigError(f"setting DM_{name.upper()}={raw!r} is not a valid {kind}") from exc
 
 
 def _celeryconfig() -> dict[str, Any]:
