@@ -17,7 +17,6 @@ Every client gets the same security settings (SASL, TLS: :class:`bridge.settings
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import threading
 from collections.abc import Callable
@@ -28,27 +27,12 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from bridge.settings import BridgeSettings
+from dm.backoff import Backoff as Backoff  # one retry delay for every loop (dm/backoff.py)
 
 log = logging.getLogger("dm.bridge")
 
 #: what a broker outage looks like to the clients
 KAFKA_OUTAGES: tuple[type[BaseException], ...] = (KafkaError, OSError)
-
-
-class Backoff:
-    """Delays after failures: ``first``, doubled each time up to ``cap``, with 20% jitter."""
-
-    def __init__(self, first: float, cap: float) -> None:
-        self.first, self.cap = first, cap
-        self.failures = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.first * 2**self.failures)
-        self.failures += 1
-        return delay * random.uniform(0.8, 1.0)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 def _common(s: BridgeSettings) -> dict[str, Any]:
