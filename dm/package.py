@@ -25,6 +25,12 @@ A package is a directory with an ``algorithm.toml`` at its root (read with tomll
     [env]                            # optional, string -> string; DM_* is reserved
     GREETING = "hi"
 
+    [limits]                         # optional: what the node holds it to (see docs/operations.md)
+    memory = 80                      # MiB (default: memory x DM_MEMORY_HEADROOM)
+    cpu = 0.5                        # cores of cpu quota (default: cpu)
+    cpu_hard_limit = true            # false: cpu shares only, it may use idle cores
+    pids = 256                       # most processes at once (default DM_PIDS_LIMIT)
+
 ``command[0]`` is ``python``/``python3`` (the node runs its own interpreter), an
 absolute path, or a file in the package; a script after ``python`` must be in the
 package too. An archive is a deterministic gzip tar (sorted, mtime 0, owner 0, no
@@ -105,7 +111,7 @@ def _properties(v: Any) -> bool:
     return len(dicts) == len(props) and all(p.get("type", "null") in _JSON_TYPES for p in dicts)
 
 
-_TABLES = ("restart", "args_schema")
+_TABLES = ("restart", "args_schema", "limits")
 _TEXT = (lambda v: isinstance(v, str), "must be a string")
 #: each field of algorithm.toml (tables dotted): its check and what it must be
 _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -125,6 +131,11 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "restart.backoff": (_positive, "must be a number of seconds > 0"),
     "restart.backoff_max": (_positive, "must be a number of seconds > 0"),
+    "limits": (lambda v: isinstance(v, dict), "must be a table: [limits]"),
+    "limits.memory": (_positive, "must be a number of MiB > 0"),
+    "limits.cpu": (_positive, "must be a number of cores > 0"),
+    "limits.cpu_hard_limit": (lambda v: isinstance(v, bool), "must be true or false"),
+    "limits.pids": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "must be a whole number > 0"),
     "args_schema": (lambda v: isinstance(v, dict), "must be a table: [args_schema]"),
     "args_schema.type": (lambda v: v == "object", 'must be "object" (args are an object)'),
     "args_schema.properties": (
@@ -308,6 +319,7 @@ def _parse(raw: bytes, source: str) -> AlgorithmSpec:
         args=tuple(dict.fromkeys(args)) if args is not None else None,
         args_schema=doc.get("args_schema"),
         description=doc.get("description", ""),
+        limits=dict(doc.get("limits", {})),
     )
 
 
