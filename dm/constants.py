@@ -29,6 +29,9 @@ NODE_KEY = "dm:node:{}"
 LEASE_KEY = "dm:lease:{}"
 #: hash: deployment id -> JSON {cpu, memory, ts}: declared demand placed on a node
 ALLOC_KEY = "dm:alloc:{}"
+#: hash: deployment id -> JSON {cpu (cores), memory (MiB), memory_limit (MiB), ts}: what each
+#: deployment on a node uses now, written by the node every metrics interval (expires)
+USAGE_KEY = "dm:usage:{}"
 #: lock held around decide + reserve, so concurrent deployers never overcommit
 PLACEMENT_LOCK = "dm:lock:placement"
 #: lock held by the heartbeat check, so two beats do one check at a time

@@ -51,6 +51,7 @@ from dm.registry import Doc
 from workers import containment
 from workers.containment import Group, Limits, User, Users
 from workers.containment import spawn as sp
+from workers.containment.usage import Meter
 from workers.outbox import UNREACHABLE, Outbox
 from workers.watchdog import FENCE_FRACTION, write_state
 
@@ -132,6 +133,9 @@ class Supervisor(threading.Thread):
         #: groups whose processes did not all die yet: killed again and removed on later ticks
         self.leftovers: list[Group] = []
         self._next_memory_check = 0.0
+        self.meter = Meter(self.groups)
+        self._next_usage = 0.0
+        self._usage_shown = False
         self.orders: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.procs: dict[str, Proc] = {}
         self.stopped = threading.Event()
@@ -489,6 +493,9 @@ class Supervisor(threading.Thread):
             elif proc.killing is not None and now >= proc.kill_deadline:
                 self._signal(proc, signal.SIGKILL)
                 proc.kill_deadline = now + 1.0
+        if now >= self._next_usage:
+            self._next_usage = now + self.ctl.settings.metrics_interval
+            self._publish_usage()
         if now >= self._next_memory_check:
             self._next_memory_check = now + MEMORY_CHECK_INTERVAL
             self._check_memory()
@@ -506,6 +513,24 @@ class Supervisor(threading.Thread):
                 log.warning("deployment %s is past its memory limit (%g MiB): killing it", proc.dep_id,
                             group.limits.memory_mib)  # fmt: skip
                 self._signal(proc, signal.SIGKILL)
+
+    def _publish_usage(self) -> None:
+        """Each deployment's cpu and memory use, in the node's usage hash (one round trip)."""
+        use = self.meter.read()
+        if not use and not self._usage_shown:
+            return
+        key = c.USAGE_KEY.format(self.node_id)
+        ts = round(time.time(), 3)
+        try:
+            pipe = self.ctl.redis.pipeline(transaction=True)
+            pipe.delete(key)
+            if use:
+                pipe.hset(key, mapping={d: json.dumps({**u.to_dict(), "ts": ts}) for d, u in use.items()})
+                pipe.expire(key, max(3, int(self.ctl.settings.metrics_interval * 3)))
+            pipe.execute()
+            self._usage_shown = bool(use)
+        except UNREACHABLE as exc:
+            log.debug("usage not published: %s", exc)
 
     def _release(self, proc: Proc) -> None:
         """Kill what is left of the process's group, remove it, and give back its user."""
