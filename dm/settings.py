@@ -45,7 +45,8 @@ class Settings:
     node_hosts: str = ""
     #: containment: an algorithm's memory limit is its declared memory times this (unless [limits] memory)
     memory_headroom: float = 1.25
-    #: containment: uids (and gids) for deployments when the agent is root, "first-last"
+    #: containment: uids (and gids) for deployments when the agent is root, "first-last"; "off":
+    #: algorithms run as the agent's user
     uid_range: str = "200000-265535"
     #: containment: one named user for every deployment instead of a uid each (root agents only)
     run_as: str = ""

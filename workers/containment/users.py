@@ -1,8 +1,8 @@
 """Whom a node's algorithms run as.
 
 When the agent is root, each deployment gets a uid (and the same gid) of its own from
-``DM_UID_RANGE``, or all run as the one user ``DM_RUN_AS``; when the agent is not root,
-they run as the agent's user (and the node says so). A uid is held with an ``flock`` on a
+``DM_UID_RANGE``, or all run as the one user ``DM_RUN_AS``; when the agent is not root, or
+``DM_UID_RANGE=off``, they run as the agent's user (and the node says so). A uid is held with an ``flock`` on a
 file named after it, so several agents on one host never hand out the same uid at once,
 and an agent that dies lets go of its uids with its file descriptors.
 """
@@ -37,12 +37,15 @@ class Users:
     """Hands out the user each deployment runs as."""
 
     def __init__(self, uid_range: str = "200000-265535", run_as: str = "", euid: int | None = None) -> None:
-        self.root = (os.geteuid() if euid is None else euid) == 0
+        self.euid = os.geteuid() if euid is None else euid
+        self.off = uid_range.strip().lower() in ("off", "none") and not run_as
+        #: True when algorithms run under another user than the agent's
+        self.switches = self.euid == 0 and not self.off
         self.fixed: User | None = None
         self.first = self.last = 0
         self.held: dict[str, tuple[int, int]] = {}  # key -> (uid, lock fd)
         self.lock_dir: Path | None = None
-        if not self.root:
+        if not self.switches:
             return
         if run_as:
             try:
@@ -55,21 +58,18 @@ class Users:
             return
         self.first, self.last = parse_range(uid_range)
 
-    @property
-    def switches(self) -> bool:
-        """True when algorithms run under another user than the agent's."""
-        return self.root
-
     def describe(self) -> str:
-        if not self.root:
-            return f"the agent's user (uid {os.geteuid()}: not root, cannot switch users)"
+        if self.off:
+            return f"the agent's user (uid {self.euid}: DM_UID_RANGE=off)"
+        if not self.switches:
+            return f"the agent's user (uid {self.euid}: not root, cannot switch users)"
         if self.fixed is not None:
             return f"user {pwd.getpwuid(self.fixed.uid).pw_name} (uid {self.fixed.uid})"
         return f"a uid per deployment ({self.first}-{self.last})"
 
     def acquire(self, key: str) -> User | None:
         """The user for ``key`` (a deployment id); None: the agent's own user."""
-        if not self.root:
+        if not self.switches:
             return None
         if self.fixed is not None:
             return self.fixed
