@@ -94,7 +94,7 @@ for pid in os.listdir("/proc"):
         for name in ("environ", "cmdline"):
             try:
                 with open(f"/proc/{pid}/{name}", "rb") as f:
-                    if args["secret"].encode() in f.read():
+                    if args["secret"][::-1].encode() in f.read():  # reversed in its own DM_ARGS
                         seen.append(f"{pid}/{name}")
             except OSError:
                 pass
@@ -252,9 +252,9 @@ def test_an_algorithm_runs_as_its_own_uid_and_cannot_reach_the_agent_or_other_de
     home = str(system.home)
 
     # When two probes run, the second trying the first's work dir
-    first = system.deploy("probe", args={"home": home, "secret": SECRET})
+    first = system.deploy("probe", args={"home": home, "secret": SECRET[::-1]})
     a = json.loads(line_of(system, first["id"], "REPORT ")[len("REPORT ") :])
-    second = system.deploy("probe", args={"home": home, "secret": SECRET, "other": a["cwd"]})
+    second = system.deploy("probe", args={"home": home, "secret": SECRET[::-1], "other": a["cwd"]})
     b = json.loads(line_of(system, second["id"], "REPORT ")[len("REPORT ") :])
 
     # Then each runs under a uid of its own, no groups, no new privileges

@@ -326,7 +326,8 @@ class Supervisor(threading.Thread):
             popen = self._spawn(proc, log_path)
         except (OSError, ValueError, subprocess.SubprocessError, DMError) as exc:
             self._release(proc)
-            self._start_failed(proc, f"cannot start on node-{self.node_id}: {describe_start_error(exc)}", current)
+            what = "cannot unpack the package" if proc.package is None else "cannot start"
+            self._start_failed(proc, f"{what} on node-{self.node_id}: {describe_start_error(exc)}", current)
             return
         proc.started = time.time()
         proc.restart_at = None
@@ -640,9 +641,10 @@ def describe_start_error(exc: BaseException) -> str:
     if isinstance(exc, ValueError) and "null" in str(exc):
         return f"a NUL byte in its command or environment ({exc})"
     if isinstance(exc, OSError) and exc.errno is not None:
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror} ({name}){where}"
+        code = errno.errorcode.get(exc.errno, str(exc.errno))
+        name = str(exc.filename or "")
+        where = f": {name if len(name) <= 80 else '...' + name[-60:]}" if name else ""
+        return f"{exc.strerror} ({code}){where}"
     return f"{type(exc).__name__}: {exc}"
 
 
