@@ -17,6 +17,7 @@ import pytest
 
 from dm.package import load_spec, pack
 from tests.system import System, alive, wait_for
+from workers.containment.base import CPU_START_GRACE
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (as CI runs): cgroups and user switching")
 #: the uid range the containment tests switch users with (the suite's default is off)
@@ -223,8 +224,11 @@ def test_a_cpu_hog_is_held_to_its_quota_and_without_a_hard_limit_may_use_more(ma
                                    limits=soft))  # fmt: skip
 
     def used_over_5s(dep_id: str) -> float:
-        pid = system.wait_state(dep_id, "running")["pid"]
+        running = system.wait_state(dep_id, "running")
+        pid = running["pid"]
         wait_for(lambda: len(tree(pid)) >= 3, 10, what="the hog's two spinning processes")
+        # the quota applies once the start's grace is over (an interpreter's start is not throttled)
+        wait_for(lambda: time.time() > running["updated_at"] + CPU_START_GRACE + 0.2, 10, what="the grace to end")
         pids = tree(pid)
         before, t0 = cpu_seconds(pids), time.monotonic()
         time.sleep(5)  # the measuring window the acceptance names, not a wait for a condition
@@ -429,14 +433,17 @@ def test_cgroup_v2_writes_the_limits_of_a_deployment(tmp_path):
     group = v2.create("dep.1.0", limits)
     path = own / "dm" / "node-1-4242" / "dep.1.0"
     assert (path / "memory.max").read_text() == str(80 * 1024 * 1024)
+    assert (path / "cpu.max").read_text() == "max 100000"  # while it starts
+    group.hold_cpu()
     assert (path / "cpu.max").read_text() == "25000 100000"
-    assert (path / "cpu.weight").read_text() == "25"
+    assert (path / "cpu.weight").read_text() == "100"  # never below an ordinary process
     assert (path / "pids.max").read_text() == "1024"
     assert group.join_files() == [str(path / "cgroup.procs")]
     assert limits.describe_oom() == "out of memory (limit 80 MiB)"
 
     soft = v2.create("dep.1.1", Limits.of(0.5, 64, {"cpu_hard_limit": False, "memory": 100, "pids": 7}, 1.25, 1024))
     soft_path = own / "dm" / "node-1-4242" / "dep.1.1"
+    soft.hold_cpu()
     assert (soft_path / "cpu.max").read_text() == "max 100000"
     assert (soft_path / "memory.max").read_text() == str(100 * 1024 * 1024)
     assert (soft_path / "pids.max").read_text() == "7"
@@ -488,15 +495,21 @@ def test_cgroup_v1_finds_each_hierarchy_below_the_agents_own_cgroup(tmp_path):
 
     v1 = CgroupV1.probe("node-3-99", mountinfo, cgroup_file)
     group = v1.create("dep.2.0", Limits(80, 0.25, True, 64))
+    group.hold_cpu()
 
-    mem = root / "memory" / "sandbox" / "x" / "dm" / "node-3-99" / "dep.2.0"
-    cpu = root / "cpu,cpuacct" / "dm" / "node-3-99" / "dep.2.0"
+    mem = root / "memory" / "sandbox" / "x" / "dm-node-3-99" / "dep.2.0"
+    cpu = root / "cpu,cpuacct" / "dm-node-3-99" / "dep.2.0"
     assert (mem / "memory.limit_in_bytes").read_text() == str(80 * 1024 * 1024)
     assert (cpu / "cpu.cfs_quota_us").read_text() == "25000"
-    assert (cpu / "cpu.shares").read_text() == "256"
-    assert (root / "pids" / "dm" / "node-3-99" / "dep.2.0" / "pids.max").read_text() == "64"
-    assert group.join_files() == [str(mem / "cgroup.procs"), str(cpu / "cgroup.procs"),
-                                  str(root / "pids" / "dm" / "node-3-99" / "dep.2.0" / "cgroup.procs")]  # fmt: skip
+    assert (cpu / "cpu.shares").read_text() == "1024"  # never below an ordinary process
+    pids = root / "pids" / "dm-node-3-99" / "dep.2.0"
+    assert (pids / "pids.max").read_text() == "64"
+    assert group.join_files() == [str(mem / "cgroup.procs"), str(cpu / "cgroup.procs"), str(pids / "cgroup.procs")]
+    big = v1.create("dep.3.0", Limits(80, 2.5, True, 64))
+    assert (cpu.parent / "cpu.shares").read_text() == str(1024 + 2560)  # the node weighs its groups
+    big.remove()
+    v1.removed(big)
+    assert (cpu.parent / "cpu.shares").read_text() == "1024"
 
 
 @pytest.mark.unit

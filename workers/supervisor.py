@@ -51,6 +51,7 @@ from dm.registry import Doc
 from workers import containment
 from workers.containment import Group, Limits, User, Users
 from workers.containment import spawn as sp
+from workers.containment.base import CPU_START_GRACE
 from workers.containment.usage import Meter
 from workers.outbox import UNREACHABLE, Outbox
 from workers.watchdog import FENCE_FRACTION, write_state
@@ -91,6 +92,8 @@ class Proc:
     #: the cgroup (or fallback group) of the process now running, and whom it runs as
     group: Group | None = None
     user: User | None = None
+    #: when the cpu quota applies (monotonic; None: applied, or none to apply)
+    hold_cpu_at: float | None = None
     restarts: int = 0
     #: why it is being killed: "stop" (by request), "fence" (no longer ours), "shutdown",
     #: "lapse" (the lease lapsed: reported lost, to be placed again)
@@ -392,6 +395,7 @@ class Supervisor(threading.Thread):
                 preexec_fn=None if SETPRIV else _die_with_parent,
             )
         proc.group.adopt(popen.pid)
+        proc.hold_cpu_at = time.monotonic() + CPU_START_GRACE
         if self.protected and not proc.group.join_files():  # no shell step to set it before the exec
             _set_oom_score(popen.pid, sp.ALGORITHM_OOM_SCORE_ADJ)
         return popen
@@ -494,6 +498,12 @@ class Supervisor(threading.Thread):
             elif proc.killing is not None and now >= proc.kill_deadline:
                 self._signal(proc, signal.SIGKILL)
                 proc.kill_deadline = now + 1.0
+            elif proc.hold_cpu_at is not None and now >= proc.hold_cpu_at and proc.group is not None:
+                proc.hold_cpu_at = None
+                try:
+                    proc.group.hold_cpu()
+                except OSError as exc:
+                    log.warning("deployment %s: cannot apply its cpu quota: %s", proc.dep_id, exc)
         if now >= self._next_usage:
             self._next_usage = now + self.ctl.settings.metrics_interval
             self._publish_usage()
@@ -540,6 +550,7 @@ class Supervisor(threading.Thread):
             group.kill()
             if not group.remove():
                 self.leftovers.append(group)
+            self.containment.removed(group)
         self.users.release(proc.dep_id)
         sp.lock_workdir(self.work / proc.dep_id)
 

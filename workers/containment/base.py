@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: seconds after a start before the cpu quota applies: an interpreter starting up needs
+#: tens of ms of cpu, which a quota of 0.1 core would stretch tenfold
+CPU_START_GRACE = 1.0
 #: rounds of SIGKILL to every listed process before a group is taken as unkillable for now
 KILL_ROUNDS = 50
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -72,6 +75,9 @@ class Group(ABC):
 
     def adopt(self, pid: int) -> None:  # noqa: B027 - most groups need nothing after the spawn
         """The group's first process was spawned with ``pid``."""
+
+    def hold_cpu(self) -> None:  # noqa: B027 - the fallback has no cpu limit
+        """Apply the cpu quota (a group starts with shares only: see ``CPU_START_GRACE``)."""
 
     @abstractmethod
     def pids(self) -> list[int]:
@@ -127,6 +133,9 @@ class Containment(ABC):
     @abstractmethod
     def create(self, name: str, limits: Limits, uid: int | None = None) -> Group:
         """A new group for a process about to start (under ``uid``, when it has its own)."""
+
+    def removed(self, group: Group) -> None:  # noqa: B027 - only weights kept per node need it
+        """``group`` was removed."""
 
     def cleanup_stale(self) -> int:
         """Empty and remove groups left by agents that died; returns how many."""

@@ -1,8 +1,13 @@
 """Containment by cgroup v1: a directory per deployment in each of the ``memory``, ``cpu``
 (and ``cpuacct`` and ``pids``, where mounted) hierarchies, below the agent's own cgroup.
 
-Layout: ``<hierarchy>/<agent's cgroup>/dm/node-<id>-<agent pid>/<group>``. The agent stays
+Layout: ``<hierarchy>/<agent's cgroup>/dm-node-<id>-<agent pid>/<group>``. The agent stays
 in its own cgroup, outside every group; a cgroup's OOM kill only picks inside that cgroup.
+
+cpu weights: a group weighs its declared cores (``cpu.shares`` = cores x 1024) but never less
+than one ordinary process (1024), so an algorithm declaring 0.1 core does not start ten
+times slower on a busy host than it did uncontained; the node's directory weighs the sum of
+its groups (it competes with the host's other processes as its algorithms would one by one).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from workers.containment.mounts import V1_CONTROLLERS, own_dir, read_mounts, rea
 
 #: the cfs period the cpu quota is given against (the kernel's default)
 CFS_PERIOD_US = 100_000
-_SCOPE = re.compile(r"node-.+-(\d+)$")
+_SCOPE = re.compile(r"dm-node-.+-(\d+)$")
+#: cpu.shares of one ordinary process
+SHARES = 1024
 
 
 def _unique(dirs: dict[str, Path]) -> list[Path]:
@@ -44,6 +51,12 @@ class CgroupV1Group(Group):
 
     def pids(self) -> list[int]:
         return read_pids(self.dirs["memory"] / "cgroup.procs")
+
+    def hold_cpu(self) -> None:
+        if self.limits.cpu_hard:
+            cpu = self.dirs["cpu"]
+            write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+            write(cpu / "cpu.cfs_quota_us", str(max(1000, round(self.limits.cpu * CFS_PERIOD_US))))
 
     def oom_killed(self) -> bool:
         control = read_keyed(self.dirs["memory"] / "memory.oom_control")
@@ -83,6 +96,18 @@ class CgroupV1(Containment):
     def __init__(self, dirs: dict[str, Path]) -> None:
         #: controller -> this agent's directory in that controller's hierarchy
         self.dirs = dirs
+        #: cpu.shares of each group
+        self.weights: dict[str, int] = {}
+
+    def removed(self, group: Group) -> None:
+        if self.weights.pop(group.name, None) is not None:
+            self._reweigh()
+
+    def _reweigh(self) -> None:
+        try:
+            write(self.dirs["cpu"] / "cpu.shares", str(max(2, sum(self.weights.values()))))
+        except OSError:
+            pass  # the groups' own weights still hold among themselves
 
     @classmethod
     def probe(
@@ -95,7 +120,7 @@ class CgroupV1(Containment):
             mount = next((m for m in mounts if controller in m.controllers), None)
             where = own_dir(mount, own.get(controller, "/")) if mount is not None else None
             if where is not None:
-                dirs[controller] = where / "dm" / scope
+                dirs[controller] = where / f"dm-{scope}"
         missing = [c for c in ("memory", "cpu") if c not in dirs]
         if missing:
             raise Unavailable(f"no cgroup v1 {' or '.join(missing)} hierarchy is mounted")
@@ -116,11 +141,9 @@ class CgroupV1(Containment):
             write(memory / "memory.limit_in_bytes", str(limits.memory_bytes))
             if (memory / "memory.memsw.limit_in_bytes").exists():  # no swapping past the limit either
                 write(memory / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
-            cpu = dirs["cpu"]
-            write(cpu / "cpu.shares", str(max(2, round(limits.cpu * 1024))))
-            if limits.cpu_hard:
-                write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
-                write(cpu / "cpu.cfs_quota_us", str(max(1000, round(limits.cpu * CFS_PERIOD_US))))
+            write(dirs["cpu"] / "cpu.shares", str(shares(limits)))
+            self.weights[name] = shares(limits)
+            self._reweigh()
             if "pids" in dirs:
                 write(dirs["pids"] / "pids.max", str(limits.pids))
         except OSError:
@@ -148,3 +171,7 @@ class CgroupV1(Containment):
                         Path(entry.path).rmdir()
                         removed += 1
         return removed
+
+
+def shares(limits: Limits) -> int:
+    return max(SHARES, round(limits.cpu * SHARES))

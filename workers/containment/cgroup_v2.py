@@ -33,6 +33,10 @@ class CgroupV2Group(Group):
     def pids(self) -> list[int]:
         return read_pids(self.path / "cgroup.procs")
 
+    def hold_cpu(self) -> None:
+        if self.limits.cpu_hard:
+            write(self.path / "cpu.max", f"{max(1000, round(self.limits.cpu * CPU_PERIOD_US))} {CPU_PERIOD_US}")
+
     def kill(self) -> bool:
         kill = self.path / "cgroup.kill"  # 5.14+: the kernel kills them all at once, forks included
         if kill.exists():
@@ -121,9 +125,9 @@ class CgroupV2(Containment):
             write(path / "memory.max", str(limits.memory_bytes))
             if (path / "memory.swap.max").exists():  # no swapping past the limit either
                 write(path / "memory.swap.max", "0")
-            write(path / "cpu.weight", str(min(10_000, max(1, round(limits.cpu * 100)))))
-            quota = max(1000, round(limits.cpu * CPU_PERIOD_US))
-            write(path / "cpu.max", f"{quota if limits.cpu_hard else 'max'} {CPU_PERIOD_US}")
+            # never less than one ordinary process (100), as with v1's shares
+            write(path / "cpu.weight", str(min(10_000, max(100, round(limits.cpu * 100)))))
+            write(path / "cpu.max", f"max {CPU_PERIOD_US}")  # the quota comes after the start: hold_cpu
             write(path / "pids.max", str(limits.pids))
         except OSError:
             group.remove()
