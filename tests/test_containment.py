@@ -107,6 +107,21 @@ time.sleep(600)
 """
 
 
+@pytest.fixture(autouse=True)
+def _drop_run_dirs(tmp_path: Path) -> Any:
+    """Remove the work dirs and caches the nodes of a test made outside tmp_path (as root,
+    with uids: /var/lib/dm/run/<hash of DM_HOME>), after its systems are stopped."""
+    yield
+    import hashlib
+    import shutil
+
+    from workers.supervisor import RUN_ROOT
+
+    for i in range(4):
+        key = hashlib.sha256(str((tmp_path / f"home{i}").resolve()).encode()).hexdigest()[:12]
+        shutil.rmtree(RUN_ROOT / key, ignore_errors=True)
+
+
 def algorithm(root: Path, name: str, code: str, *, cpu: float = 0.1, memory: int = 64, policy: str = "never",
               limits: str = "", extra: str = "") -> Path:  # fmt: skip
     d = root / name
