@@ -13,7 +13,13 @@ Both start the same command (``/bin/sleep``, a run-unique duration that tags the
 processes) and alternate, so both see the same machine and the same number of
 processes already running. Goal: dm's p50 within 1.5x the baseline's.
 
-    /work/venv/bin/python bench/deploy_latency.py [--count 200] [--nodes 2] [--no-doc]
+Containment on and off in the same run: half the node agents contain their algorithms as
+the host allows (a cgroup each, a uid each when root), the other half run with
+``DM_CONTAINMENT=none DM_UID_RANGE=off``; placement spreads the deployments over both,
+and each deployment's figures count for its node's kind. Goal: the p50 of the start
+phase (``scheduled`` -> ``running``) at most 2 ms more with containment than without.
+
+    /work/venv/bin/python bench/deploy_latency.py [--count 200] [--nodes 1] [--no-doc]
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ from bench._common import (
 )
 
 GOAL_RATIO = 1.5
+#: the most the cgroup and the user switch may add to a start's p50 (ms)
+GOAL_CONTAINMENT_MS = 2.0
+#: the environment of the node agents that run their algorithms uncontained
+UNCONTAINED = {"DM_CONTAINMENT": "none", "DM_UID_RANGE": "off"}
 ALGORITHM = "benchsleep"
 
 
@@ -50,7 +60,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=200, help="measured deployments (default 200)")
     p.add_argument("--warmup", type=int, default=6, help="unmeasured deployments first (default 6)")
-    p.add_argument("--nodes", type=int, default=2, help="node agents (default 2)")
+    p.add_argument("--nodes", type=int, default=1, help="node agents of each kind, contained and not (default 1)")
     p.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks-core.md")
     return p.parse_args(argv)
 
@@ -69,19 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     # a run-unique duration tags every process this run starts, so leftovers can be found
     tag = f"86{random.randrange(10**5):05d}.5"
     command = ["/bin/sleep", tag]
-    settings = dict(node_cpus=64, node_memory=65536, min_nodes=args.nodes, max_nodes=args.nodes, idle_timeout=3600)
+    nodes = 2 * args.nodes
+    settings = dict(node_cpus=64, node_memory=65536, min_nodes=nodes, max_nodes=nodes, idle_timeout=3600)
     started = time.monotonic()
     with Harness("deploy_latency", **settings) as h:
         baseline_pids: list[int] = []
         try:
-            figures = run(h, args, command, baseline_pids)
+            figures, modes = run(h, args, command, baseline_pids)
         finally:
             stop_all(h, command, baseline_pids)
-    report(args, figures, time.monotonic() - started)
+    report(args, figures, modes, time.monotonic() - started)
     return 0
 
 
-def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids: list[int]) -> dict[str, list[float]]:
+def run(
+    h: Harness, args: argparse.Namespace, command: list[str], baseline_pids: list[int]
+) -> tuple[dict[str, list[float]], tuple[str, str]]:
     import redis
 
     from dm import constants as c
@@ -101,10 +114,15 @@ def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids:
     h.spawn("control", celery + ["worker", "-Q", c.CONTROL_QUEUE, "-P", "threads", "-c", "8",
                                  "-n", "control@%h", "-E", "-l", "INFO"])  # fmt: skip
     h.spawn("beat", celery + ["beat", "-S", "celery.beat:Scheduler", "-l", "INFO"])
-    node_ids = [f"b{i + 1}" for i in range(args.nodes)]
+    contained = [f"b{i + 1}" for i in range(args.nodes)]
+    uncontained = [f"u{i + 1}" for i in range(args.nodes)]
+    node_ids = contained + uncontained
+    env = h.env
     for node_id in node_ids:
+        h.env = {**env, **UNCONTAINED} if node_id in uncontained else env
         h.spawn(f"node-{node_id}", [sys.executable, "-m", "workers", "--id", node_id, "--cpus", "64",
                                     "--memory", "65536"])  # fmt: skip
+    h.env = env
     baseline = f"baseline-{uuid.uuid4().hex[:6]}"
     h.spawn("baseline", baseline_worker_cmd(name=baseline))
     r = redis.Redis.from_url(h.stack.redis_url, decode_responses=True)
@@ -113,18 +131,21 @@ def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids:
         h.check_alive()
         return all(r.hget(k.NODE.format(n), "state") == "up" for n in node_ids)
 
-    wait_for(nodes_up, 90, f"{args.nodes} node(s) up")
+    wait_for(nodes_up, 90, f"{len(node_ids)} node(s) up")
+    modes = {n: f"{r.hget(c.NODE_KEY.format(n), 'containment')}, {r.hget(c.NODE_KEY.format(n), 'run_as')}"
+             for n in node_ids}  # fmt: skip
     wait_for(
         lambda: baseline_app.control.ping(destination=[f"{baseline}@{socket.gethostname()}"], timeout=0.5),
         60, "the baseline worker to answer a ping",
     )  # fmt: skip
-    print(f"stack, control worker, beat, {args.nodes} node(s) and the baseline worker up; "
+    print(f"stack, control worker, beat, {len(node_ids)} node(s) and the baseline worker up; "
           f"{args.warmup} warm-up + {args.count} measured deployments ...", flush=True)  # fmt: skip
 
     from dm import deploy
 
     events = ctl.registry.events
-    figures: dict[str, list[float]] = {"baseline": [], "dm": [], "submit": [], "place": [], "start": []}
+    figures: dict[str, list[float]] = {"baseline": [], "dm": [], "submit": [], "place": [], "start": [],
+                                       "dm on": [], "dm off": [], "start on": [], "start off": []}  # fmt: skip
     for i in range(args.warmup + args.count):
         # baseline: one bare Celery round trip that Popens the command
         t0 = time.time()
@@ -147,6 +168,9 @@ def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids:
         figures["submit"].append(times["pending"] - t0)
         figures["place"].append(times["scheduled"] - times["pending"])
         figures["start"].append(times["running"] - times["scheduled"])
+        kind = "on" if dep["node"] in contained else "off"
+        figures[f"dm {kind}"].append(times["running"] - t0)
+        figures[f"start {kind}"].append(times["running"] - times["scheduled"])
         done = i + 1 - args.warmup
         if done % 50 == 0:
             print(f"  {done}/{args.count}: dm p50 {median(figures['dm']) * 1000:.1f} ms, "
@@ -154,7 +178,7 @@ def run(h: Harness, args: argparse.Namespace, command: list[str], baseline_pids:
     counts = ctl.registry.count_by_state()
     if counts.get("running", 0) != args.warmup + args.count:
         print(f"warning: deployments by state at the end: {counts}", file=sys.stderr)
-    return figures
+    return figures, (modes[contained[0]], modes[uncontained[0]])
 
 
 def stop_all(h: Harness, command: list[str], baseline_pids: list[int]) -> None:
@@ -178,7 +202,7 @@ def stop_all(h: Harness, command: list[str], baseline_pids: list[int]) -> None:
         print(f"warning: killed {len(left)} leftover {command} processes", file=sys.stderr)
 
 
-def report(args: argparse.Namespace, f: dict[str, list[float]], elapsed: float) -> None:
+def report(args: argparse.Namespace, f: dict[str, list[float]], modes: tuple[str, str], elapsed: float) -> None:
     def ms(x: float) -> str:
         return f"{x * 1000:.1f}"
 
@@ -205,10 +229,24 @@ def report(args: argparse.Namespace, f: dict[str, list[float]], elapsed: float) 
         ],
     )  # fmt: skip
     summary = f"p50 ratio dm / baseline: **{ratio:.2f}x** (goal <= {GOAL_RATIO}x): **{verdict(ok)}**"
+    on_mode, off_mode = modes
+    cost = (percentile(f["start on"], 50) - percentile(f["start off"], 50)) * 1000
+    containment = table(
+        ["node kind", "n", "`delay` -> `running` p50 ms", "p90 ms", "start phase p50 ms", "p90 ms"],
+        [[f"contained ({on_mode})", len(f["dm on"]), ms(percentile(f["dm on"], 50)), ms(percentile(f["dm on"], 90)),
+          ms(percentile(f["start on"], 50)), ms(percentile(f["start on"], 90))],
+         [f"uncontained ({off_mode})", len(f["dm off"]), ms(percentile(f["dm off"], 50)),
+          ms(percentile(f["dm off"], 90)), ms(percentile(f["start off"], 50)), ms(percentile(f["start off"], 90))]],
+    )  # fmt: skip
+    summary += (
+        f"; containment's cost in the start phase's p50: **{cost:+.1f} ms** (goal <= {GOAL_CONTAINMENT_MS:g} ms): "
+        f"**{verdict(cost <= GOAL_CONTAINMENT_MS)}**"
+    )
     setup = (
         f"{args.count} deployments measured one after another (after {args.warmup} warm-up ones), each "
         f"waited for until `running`, alternating with the baseline; they stay running, so the last ones "
-        f"start with {args.count} processes already up. {args.nodes} node agent(s) of 64 cpus / 64 GiB "
+        f"start with {args.count} processes already up. {2 * args.nodes} node agent(s) of 64 cpus / 64 GiB, "
+        f"{args.nodes} contained and {args.nodes} not, "
         "(placement never adds one); control worker (`-P threads -c 8`, as `dm up` starts it) and beat "
         "running. The algorithm is `/bin/sleep` (cpu 0.01, memory 1); the baseline starts the same "
         "command. Same Redis for both. An event's `time` is stamped when its write is issued, so each "
@@ -219,10 +257,12 @@ def report(args: argparse.Namespace, f: dict[str, list[float]], elapsed: float) 
     print()
     print(split)
     print()
+    print(containment)
+    print()
     print(summary)
     if not args.no_doc:
         path = write_section("deploy_latency", "Deploy latency: `deploy.delay` -> `running`",
-                             f"{setup}\n\n{main_table}\n\n{split}\n\n{summary}\n")  # fmt: skip
+                             f"{setup}\n\n{main_table}\n\n{split}\n\n{containment}\n\n{summary}\n")  # fmt: skip
         print(f"wrote {path}")
 
 

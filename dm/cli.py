@@ -283,7 +283,8 @@ def cmd_nodes(a: argparse.Namespace) -> int:
     if a.json:
         _print_json(rows)
     else:
-        _table(rows, ["name", "host", "address", "state", "cpus", "memory", "cpu", "ram", "load", "deployments"])
+        columns = ["name", "host", "address", "state", "cpus", "memory", "cpu", "ram", "load", "deployments"]
+        _table(rows, [*columns, "containment", "run_as"])
     return EXIT_OK
 
 

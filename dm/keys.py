@@ -27,6 +27,10 @@ NODE_CHANNEL = "dm:node:{}:control"
 #: counter: the last node id handed out
 NODE_SEQ = "dm:node_seq"
 
+#: hash: deployment id -> JSON {cpu (cores), memory (MiB), memory_limit (MiB), ts}: what each
+#: deployment on a node uses now, written by the node every metrics interval (expires)
+USAGE = "dm:usage:{}"
+
 # -- allocations (a cache of the registry's active deployments, rebuilt by the reconciler)
 #: hash: deployment id -> JSON {cpu, memory, ts}: declared demand placed on a node
 ALLOC = "dm:alloc:{}"

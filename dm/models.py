@@ -106,6 +106,8 @@ class AlgorithmSpec:
     args: tuple[str, ...] | None = None
     args_schema: dict[str, Any] | None = None
     description: str = ""
+    #: the ``[limits]`` table: memory (MiB), cpu (cores), cpu_hard_limit, pids; each optional
+    limits: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +120,7 @@ class AlgorithmSpec:
             "args": list(self.args) if self.args is not None else None,
             "args_schema": self.args_schema,
             "description": self.description,
+            "limits": dict(self.limits),
         }
 
     @classmethod
@@ -132,6 +135,7 @@ class AlgorithmSpec:
             args=tuple(data["args"]) if data.get("args") is not None else None,
             args_schema=data.get("args_schema"),
             description=data.get("description", ""),
+            limits=dict(data.get("limits") or {}),
         )
 
 

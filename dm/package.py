@@ -29,6 +29,12 @@ A package is a directory with an ``algorithm.toml`` at its root (read with tomll
     [env]                            # optional, string -> string; DM_* is reserved
     GREETING = "hi"
 
+    [limits]                         # optional: what the node holds it to (see docs/operations.md)
+    memory = 80                      # MiB (default: memory x DM_MEMORY_HEADROOM)
+    cpu = 0.5                        # cores of cpu quota (default: cpu)
+    cpu_hard_limit = true            # false: cpu shares only, it may use idle cores
+    pids = 256                       # most processes at once (default DM_PIDS_LIMIT)
+
 ``command[0]`` is ``python``/``python3`` (the node runs its own interpreter), an
 absolute path, or a file in the package; a script after ``python`` must be in the
 package too. An archive is a deterministic gzip tar (sorted, mtime 0, owner 0, no
@@ -139,7 +145,7 @@ def _properties(v: Any) -> bool:
     return len(dicts) == len(props) and all(p.get("type", "null") in _JSON_TYPES for p in dicts)
 
 
-_TABLES = ("restart", "args_schema", "logs")
+_TABLES = ("restart", "args_schema", "logs", "limits")
 _TEXT = (lambda v: isinstance(v, str), "must be a string")
 #: each field of algorithm.toml (tables dotted): its check and what it must be
 _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -174,6 +180,11 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOG_KEEP,
         f"must be a whole number of rotated logs from 0 to {MAX_LOG_KEEP}",
     ),
+    "limits": (lambda v: isinstance(v, dict), "must be a table: [limits]"),
+    "limits.memory": (_within(0, MAX_MEMORY, above=True), f"must be a number of MiB > 0 and <= {MAX_MEMORY}"),
+    "limits.cpu": (_within(0, MAX_CPU, above=True), f"must be a number of cores > 0 and <= {MAX_CPU}"),
+    "limits.cpu_hard_limit": (lambda v: isinstance(v, bool), "must be true or false"),
+    "limits.pids": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "must be a whole number > 0"),
     "args_schema": (lambda v: isinstance(v, dict), "must be a table: [args_schema]"),
     "args_schema.type": (lambda v: v == "object", 'must be "object" (args are an object)'),
     "args_schema.properties": (
@@ -360,6 +371,7 @@ def _parse(raw: bytes, source: str) -> AlgorithmSpec:
         args=tuple(dict.fromkeys(args)) if args is not None else None,
         args_schema=doc.get("args_schema"),
         description=doc.get("description", ""),
+        limits=dict(doc.get("limits", {})),
     )
 
 

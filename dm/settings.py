@@ -72,6 +72,20 @@ class Settings:
     log_max_size: int = DEFAULT_LOG_MAX_SIZE
     #: rotated logs kept beside the current one (per algorithm: ``[logs] keep``)
     log_keep: int = DEFAULT_LOG_KEEP
+    #: containment: an algorithm's memory limit is its declared memory times this (unless [limits] memory)
+    memory_headroom: float = 1.25
+    #: containment: uids (and gids) for deployments when the agent is root, "first-last"; "off":
+    #: algorithms run as the agent's user
+    uid_range: str = "200000-265535"
+    #: containment: one named user for every deployment instead of a uid each (root agents only)
+    run_as: str = ""
+    #: containment: "" (the best the host allows), "cgroup" (fail if cgroups cannot be used) or "none"
+    containment: str = ""
+    #: containment: most processes a deployment may have at once (unless [limits] pids)
+    pids_limit: int = 1024
+    #: containment: where algorithms' work dirs and unpacked packages live when they run under
+    #: their own uids (default /var/lib/dm/run/<hash of DM_HOME>); DM_HOME itself stays 0700
+    run_dir: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -3,9 +3,11 @@ with the lease rule applied (a node whose lease expired is dead, whatever the re
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from dm import balancer, fleet
+from dm import keys as k
 from dm.control import Control
 
 
@@ -40,6 +42,25 @@ def node_rows(ctl: Control) -> list[dict[str, Any]]:
                 "pid": doc.get("pid"),
                 # orders it refused for a missing or wrong signature (workers/tasks.py)
                 "refused_orders": int(h.get("refused_orders") or 0),
+                # how the node holds its algorithms (written by the node at start: workers/supervisor.py)
+                "containment": h.get("containment") or doc.get("containment") or "unknown",
+                "run_as": h.get("run_as") or doc.get("run_as") or "unknown",
             }
         )
     return rows
+
+
+def deployment_usage(ctl: Control, node_ids: list[str]) -> dict[str, dict[str, float]]:
+    """What each deployment on these nodes uses now: id -> {cpu (cores), memory (MiB),
+    memory_limit (MiB), ts}, as its node last published it (absent: not measured lately)."""
+    pipe = ctl.redis.pipeline(transaction=False)
+    for node_id in node_ids:
+        pipe.hgetall(k.USAGE.format(node_id))
+    out: dict[str, dict[str, float]] = {}
+    for fields in pipe.execute():
+        for dep_id, raw in fields.items():
+            try:
+                out[dep_id] = json.loads(raw)
+            except ValueError:
+                continue
+    return out

@@ -13,6 +13,9 @@ import pytest
 os.environ["DM_HOME"] = tempfile.mkdtemp(prefix="dm-test-home-")
 for _name in ("DM_DATABASE",):
     os.environ.pop(_name, None)
+# algorithms of the suite write ledgers under tmp_path, which other uids cannot reach:
+# they run as the agent's user unless a test asks for uids (tests/test_containment.py)
+os.environ.setdefault("DM_UID_RANGE", "off")
 
 from tests.servers import sentinel_redis, stack  # noqa: F401, E402  (fixtures: Redis, MongoDB, Kafka; Sentinels)
 from tests.system import System  # noqa: E402

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     supervisor.start()
     housekeeping.start(supervisor, settings)  # log rotation, pruning past DM_RETENTION
     tasks.supervisor = supervisor
-    sampler = HostSampler() if args.host_wide else TreeSampler(cpus, memory)
+    sampler = HostSampler() if args.host_wide else TreeSampler(cpus, memory, groups=supervisor.groups)
 
     def rejoin() -> None:
         # declared dead while it could not renew (frozen, cut off): whatever it ran has moved on.

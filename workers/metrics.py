@@ -1,10 +1,12 @@
 """A node's usage in percent of its capacity, and the thread that publishes it with the lease.
 
-A local node (one of several on a machine) measures its own process tree against its
-declared capacity: the memory of the agent and its algorithms, the cpu of its algorithms
-(the agent's own cpu is about 0.5% at idle but a whole core while it starts or unpacks a
-package: counting it made a node that had just started look full, and placement start
-another). A node that owns its host measures the host.
+A local node (one of several on a machine) measures itself against its declared capacity:
+the memory of the agent and its algorithms, the cpu of its algorithms (the agent's own cpu
+is about 0.5% at idle but a whole core while it starts or unpacks a package: counting it
+made a node that had just started look full, and placement start another). Its algorithms'
+share is the sum of their groups (their cgroups: a process that left the agent's tree with
+``setsid`` still counts), or without groups the agent's process tree. A node that owns its
+host measures the host.
 
 The lease is renewed over a connection of its own with short timeouts and no retries
 inside redis-py: while Redis is out of reach the publisher notices within a third of
@@ -28,21 +30,35 @@ from redis.retry import Retry
 
 from dm import fleet, keys, redis_conn
 from dm.models import MetricsSample
+from workers.containment.base import Group
+from workers.containment.usage import MIB, Meter, Use
 from workers.watchdog import FENCE_FRACTION
 
 log = logging.getLogger(__name__)
 
 
 class TreeSampler:
-    """cpu of this process's descendants and ram of it and them, in percent of a declared capacity."""
+    """cpu of this node's algorithms and ram of the agent and them, in percent of a declared capacity.
 
-    def __init__(self, cpus: float, memory_mib: float) -> None:
+    ``groups`` gives each running deployment's group (the supervisor's ``groups``): the
+    algorithms are then the sum of their groups; without it, this process's descendants.
+    """
+
+    def __init__(self, cpus: float, memory_mib: float, groups: Callable[[], dict[str, Group]] | None = None) -> None:
         self.cpus = cpus
         self.memory = memory_mib
         self.root = psutil.Process(os.getpid())
         self._procs: dict[int, psutil.Process] = {}
+        self.meter = Meter(groups) if groups is not None else None
+        #: each deployment's use at the last sample (with groups)
+        self.usage: dict[str, Use] = {}
 
     def sample(self) -> tuple[float, float]:
+        if self.meter is not None:
+            self.usage = self.meter.read()
+            cores = sum(u.cpu for u in self.usage.values())
+            mib = self.root.memory_info().rss / MIB + sum(u.memory for u in self.usage.values())
+            return cores * 100.0 / self.cpus, mib / self.memory * 100.0
         current = [self.root]
         for pid in _descendants(self.root.pid):
             known = self._procs.get(pid)

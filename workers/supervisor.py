@@ -16,11 +16,12 @@ again; nothing is started until the lease is renewed.
 from __future__ import annotations
 
 import ctypes
+import errno
+import hashlib
 import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dm import keys as k
 from dm.control import Control
+from dm.errors import DMError
 from dm.models import (
     ACTIVE_STATES,
     FAILED,
@@ -43,8 +46,13 @@ from dm.models import (
     SUCCEEDED,
     RestartPolicy,
 )
-from dm.package import unpack
+from dm.package import load_spec, unpack
 from dm.registry import Doc
+from workers import containment
+from workers.containment import Group, Limits, User, Users
+from workers.containment import spawn as sp
+from workers.containment.base import CPU_START_GRACE
+from workers.containment.usage import Meter
 from workers.outbox import UNREACHABLE, Outbox
 from workers.watchdog import FENCE_FRACTION, write_state
 
@@ -58,9 +66,14 @@ FENCE_CHECK_INTERVAL = 2.0
 #: seconds before trying again a start that waits for the lease or the registry
 START_RETRY = 0.5
 
+#: seconds between two checks of each group's memory where no kernel enforces it (the fallback)
+MEMORY_CHECK_INTERVAL = 0.25
+#: where algorithms' files live when they run under their own uids (DM_RUN_DIR unset)
+RUN_ROOT = Path("/var/lib/dm/run")
+
 _libc: Any = None
 #: sets PR_SET_PDEATHSIG for the command it execs (util-linux); None: a preexec_fn does it
-SETPRIV = shutil.which("setpriv")
+SETPRIV = sp.SETPRIV
 
 
 def _die_with_parent() -> None:
@@ -73,8 +86,14 @@ def _die_with_parent() -> None:
 @dataclass
 class Proc:
     payload: dict[str, Any]
-    package: Path
+    #: the unpacked package; None when unpacking it failed (tried again at the next start)
+    package: Path | None
     popen: subprocess.Popen[bytes] | None = None
+    #: the cgroup (or fallback group) of the process now running, and whom it runs as
+    group: Group | None = None
+    user: User | None = None
+    #: when the cpu quota applies (monotonic; None: applied, or none to apply)
+    hold_cpu_at: float | None = None
     restarts: int = 0
     #: why it is being killed: "stop" (by request), "fence" (no longer ours), "shutdown",
     #: "lapse" (the lease lapsed: reported lost, to be placed again)
@@ -99,12 +118,27 @@ class Supervisor(threading.Thread):
         super().__init__(name=f"dm-supervisor-{node_id}", daemon=True)
         self.ctl = ctl
         self.node_id = node_id
-        self.home = ctl.settings.home
-        self.cache = self.home / "cache"
+        settings = ctl.settings
+        self.home = settings.home
         self.logs = self.home / "logs"
-        self.work = self.home / "work"
+        self.users = Users(settings.uid_range, settings.run_as)
+        self.containment = containment.detect(settings.containment, f"node-{node_id}-{os.getpid()}")
+        self.containment.cleanup_stale()
+        #: as root, the agent is never the OOM killer's choice; its algorithms get a high score
+        self.protected = _protect_self()
+        self.interpreter = sp.interpreter_for_others() if self.users.switches else sys.executable
+        self.run_root = self._run_root()
+        self.cache = self.run_root / "cache"
+        self.work = self.run_root / "work"
         for path in (self.cache, self.logs, self.work):
             path.mkdir(parents=True, exist_ok=True)
+        self._specs: dict[Path, Limits] = {}
+        #: groups whose processes did not all die yet: killed again and removed on later ticks
+        self.leftovers: list[Group] = []
+        self._next_memory_check = 0.0
+        self.meter = Meter(self.groups)
+        self._next_usage = 0.0
+        self._usage_shown = False
         self.orders: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.procs: dict[str, Proc] = {}
         self.stopped = threading.Event()
@@ -118,6 +152,43 @@ class Supervisor(threading.Thread):
         self._fence_lock = threading.Lock()
         self._write_fence()
         self.outbox = Outbox(ctl, node_id)
+        self._announce()
+
+    def _run_root(self) -> Path:
+        """Where work dirs and unpacked packages live: DM_HOME, unless the algorithms run under
+        other uids; then a directory they can pass through (0711, root's) but not list, and
+        DM_HOME (the fleet's credentials, the logs, the fence file) is closed to them (0700)."""
+        if not self.users.switches:
+            return self.home
+        s = self.ctl.settings
+        if s.run_dir:
+            root, made_below = Path(s.run_dir), Path(s.run_dir).parent
+        else:
+            key = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+            root, made_below = RUN_ROOT / key, RUN_ROOT.parent.parent
+        for d in (root, root / "cache", root / "work"):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o711)
+        blocked = sp.traversable(root, made_below)
+        if blocked:
+            log.warning("algorithms under their own uids cannot reach %s: %s is closed to others; set DM_RUN_DIR "
+                        "to a directory others can pass through", root, blocked[0])  # fmt: skip
+        self.home.chmod(0o700)
+        return root
+
+    def _announce(self) -> None:
+        """Say at start how this node holds its algorithms, in the log and in its records."""
+        mode, users = self.containment.mode, self.users.describe()
+        if isinstance(self.containment, containment.Fallback):
+            log.warning("node-%s cannot use cgroups (%s): it falls back to prlimit and an rss watchdog (memory "
+                        "checked every %gs, no cpu limit)", self.node_id, self.containment.note,
+                        MEMORY_CHECK_INTERVAL)  # fmt: skip
+        log.warning("node-%s containment: %s; algorithms run as %s", self.node_id, mode, users)
+        try:
+            self.ctl.redis.hset(k.NODE.format(self.node_id), mapping={"containment": mode, "run_as": users})
+            self.ctl.registry.upsert_node(self.node_id, containment=mode, run_as=users)
+        except Exception as exc:  # the stores are retried by the agent; this is only a label
+            log.warning("node-%s could not record its containment: %s", self.node_id, exc)
 
     # -- called from other threads ------------------------------------------------
 
@@ -128,8 +199,10 @@ class Supervisor(threading.Thread):
             return dest
         return unpack(self.ctl.registry.fetch_archive(sha256), dest, sha256)
 
-    def start_deployment(self, payload: dict[str, Any], package: Path) -> None:
-        self.orders.put(("start", (payload, package)))
+    def start_deployment(self, payload: dict[str, Any], package: Path | None, failure: str = "") -> None:
+        """Start a deployment; with ``failure`` (its package could not be unpacked), go on
+        with its restart policy as for a start that failed."""
+        self.orders.put(("start", (payload, package, failure)))
 
     def kill_deployment(self, dep_id: str, generation: int, reason: str) -> None:
         self.orders.put(("kill", (dep_id, generation, reason)))
@@ -162,9 +235,19 @@ class Supervisor(threading.Thread):
         self._write_fence()
 
     def _write_fence(self) -> None:
-        pgids = [p.popen.pid for p in list(self.procs.values()) if p.popen is not None]
+        procs = list(self.procs.values())
+        pgids = [p.popen.pid for p in procs if p.popen is not None]
+        groups = [p.group for p in procs if p.group is not None] + list(self.leftovers)
+        cgroups = [f for g in groups for f in g.join_files()[:1]]
+        # a uid of its own and no cgroup: the watchdog kills by uid
+        uids = [p.user.uid for p in procs if p.user is not None and p.user.own and p.group is not None
+                and not p.group.join_files()]  # fmt: skip
         with self._fence_lock:
-            write_state(self.fence_file, self.valid_until, pgids)
+            write_state(self.fence_file, self.valid_until, pgids, cgroups, uids)
+
+    def groups(self) -> dict[str, Group]:
+        """The group of each deployment running here (for the usage sampler: any thread)."""
+        return {p.dep_id: p.group for p in list(self.procs.values()) if p.group is not None and p.popen is not None}
 
     def running(self) -> dict[str, int]:
         return {p.dep_id: p.generation for p in list(self.procs.values()) if p.popen is not None}
@@ -189,8 +272,12 @@ class Supervisor(threading.Thread):
 
     def _order(self, kind: str, arg: Any) -> None:
         if kind == "start":
-            payload, package = arg
-            self._start(Proc(payload, package, restarts=int(payload.get("restarts", 0))))
+            payload, package, failure = arg
+            new = Proc(payload, package, restarts=int(payload.get("restarts", 0)))
+            if failure:
+                self._start_failed(new, failure)
+            else:
+                self._start(new)
         elif kind == "kill":
             dep_id, generation, reason = arg
             proc = self.procs.get(dep_id)
@@ -219,7 +306,6 @@ class Supervisor(threading.Thread):
 
     def _start(self, proc: Proc) -> None:
         """Spawn (from this thread only) and report ``running``, or kill if the report is refused."""
-        p = proc.payload
         expect = [proc.expect]
         current: Doc | None = None
         wait = "the lease was not renewed in time" if self.lapsed() else ""
@@ -239,41 +325,17 @@ class Supervisor(threading.Thread):
                 del self.procs[proc.dep_id]
             return
         log_path = self.logs / f"{proc.dep_id}.log"
-        workdir = self.work / proc.dep_id
-        workdir.mkdir(parents=True, exist_ok=True)
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("DM_", "CELERY_"))},
-            **{str(k): str(v) for k, v in (p.get("env") or {}).items()},
-            "DM_ARGS": json.dumps(p.get("args") or {}),
-            "DM_DEPLOYMENT_ID": proc.dep_id,
-            "DM_GENERATION": str(proc.generation),
-            "DM_NODE_ID": self.node_id,
-            "DM_PACKAGE_DIR": str(proc.package),
-            "PYTHONUNBUFFERED": "1",
-        }
-        with open(log_path, "ab") as out:
-            header = f"--- dm: gen {proc.generation} restart {proc.restarts} on node-{self.node_id} at {time.ctime()}\n"
-            out.write(header.encode())
-            out.flush()
-            cmd = command_line(p["command"], proc.package)
-            proc.popen = subprocess.Popen(
-                [SETPRIV, "--pdeathsig", "KILL", "--", *cmd] if SETPRIV else cmd,
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # a preexec_fn makes Python fork the whole agent instead of using vfork/posix_spawn
-                # (7-11 ms a start against under 1 ms): util-linux's setpriv sets the same death
-                # signal and then execs the command in the same pid and session
-                preexec_fn=None if SETPRIV else _die_with_parent,
-            )
+        try:
+            popen = self._spawn(proc, log_path)
+        except (OSError, ValueError, subprocess.SubprocessError, DMError) as exc:
+            self._release(proc)
+            what = "cannot unpack the package" if proc.package is None else "cannot start"
+            self._start_failed(proc, f"{what} on node-{self.node_id}: {describe_start_error(exc)}", current)
+            return
         proc.started = time.time()
         proc.restart_at = None
         self.procs[proc.dep_id] = proc
         self._write_fence()
-        popen = proc.popen
 
         def refused(doc: Doc | None) -> None:
             if doc is None and proc.popen is popen:
@@ -292,6 +354,89 @@ class Supervisor(threading.Thread):
             restarts=proc.restarts,
             log=str(log_path),
         )
+
+    def _spawn(self, proc: Proc, log_path: Path) -> subprocess.Popen[bytes]:
+        """Start the process in a new group, as its user; raises what stops it from starting."""
+        p = proc.payload
+        if proc.package is None:  # its unpack failed before: try again (a restart)
+            proc.package = self.ensure_package(p["sha256"])
+        limits = self._limits(proc.package)
+        proc.user = self.users.acquire(proc.dep_id)
+        workdir = self.work / proc.dep_id
+        sp.own_workdir(workdir, proc.user)
+        env = sp.algorithm_env(os.environ, {
+            **(p.get("env") or {}),
+            "DM_ARGS": json.dumps(p.get("args") or {}),
+            "DM_DEPLOYMENT_ID": proc.dep_id,
+            "DM_GENERATION": str(proc.generation),
+            "DM_NODE_ID": self.node_id,
+            "DM_PACKAGE_DIR": str(proc.package),
+            "PYTHONUNBUFFERED": "1",
+        }, proc.user, workdir)  # fmt: skip
+        own_uid = proc.user.uid if proc.user is not None and proc.user.own else None
+        proc.group = self.containment.create(f"{proc.dep_id}.{proc.generation}.{proc.restarts}", limits, own_uid)
+        cmd = sp.argv(sp.command_line(p["command"], proc.package, self.interpreter), proc.group, proc.user,
+                      self.protected)  # fmt: skip
+        with open(log_path, "ab") as out:
+            header = f"--- dm: gen {proc.generation} restart {proc.restarts} on node-{self.node_id} at {time.ctime()}\n"
+            out.write(header.encode())
+            out.flush()
+            popen = proc.popen = subprocess.Popen(
+                cmd,
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # a preexec_fn makes Python fork the whole agent instead of using vfork/posix_spawn
+                # (7-11 ms a start against under 1 ms): util-linux's setpriv sets the same death
+                # signal and then execs the command in the same pid and session
+                preexec_fn=None if SETPRIV else _die_with_parent,
+            )
+        proc.group.adopt(popen.pid)
+        proc.hold_cpu_at = time.monotonic() + CPU_START_GRACE
+        if self.protected and not proc.group.join_files():  # no shell step to set it before the exec
+            _set_oom_score(popen.pid, sp.ALGORITHM_OOM_SCORE_ADJ)
+        return popen
+
+    def _limits(self, package: Path) -> Limits:
+        """What the package's algorithm.toml declares, with its [limits] (read once a package)."""
+        limits = self._specs.get(package)
+        if limits is None:
+            spec = load_spec(package)
+            s = self.ctl.settings
+            limits = Limits.of(spec.demand.cpu, spec.demand.memory, spec.limits, s.memory_headroom, s.pids_limit)
+            self._specs[package] = limits
+        return limits
+
+    def _start_failed(self, proc: Proc, reason: str, current: Doc | None = None) -> None:
+        """A process that could not be started: the restart policy's next step, finally ``failed``."""
+        log.warning("deployment %s gen %s: %s", proc.dep_id, proc.generation, reason)
+        if self.procs.get(proc.dep_id) is proc:
+            del self.procs[proc.dep_id]
+        proc.popen = None
+        policy = RestartPolicy.from_dict(proc.payload["restart"])
+        gen, dep_id, expect = proc.generation, proc.dep_id, [proc.expect]
+        if policy.policy != "never" and proc.restarts < policy.max_restarts:
+            delay = policy.delay(proc.restarts)
+            proc.restarts += 1
+
+            def restart(moved: Doc | None) -> None:
+                if moved is not None and dep_id not in self.procs:
+                    proc.restart_at = time.monotonic() + delay
+                    proc.expect = RESTARTING
+                    self.procs[dep_id] = proc
+
+            self.outbox.send(
+                dep_id, RESTARTING, expect=expect, generation=gen, then=restart, current=current,
+                reason=f"{reason}; restart {proc.restarts}/{policy.max_restarts} in {delay:g}s",
+                restarts=proc.restarts, pid=None,
+            )  # fmt: skip
+            return
+        if policy.policy != "never":
+            reason += f"; gave up after {proc.restarts} restarts"
+        self.outbox.send(dep_id, FAILED, expect=expect, generation=gen, reason=reason, current=current, pid=None)
 
     def _as_sent(self, proc: Proc) -> Doc | None:
         """The deployment as the control plane sent it, when the order is fresh: then nothing
@@ -319,7 +464,17 @@ class Supervisor(threading.Thread):
         if proc.killing is None:
             proc.killing = why
             proc.kill_deadline = time.monotonic() + grace
-            _signal_group(proc.popen.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+            self._signal(proc, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+
+    def _signal(self, proc: Proc, sig: int) -> None:
+        """Signal the whole deployment: its process group and every process of its group."""
+        if proc.popen is not None:
+            _signal_group(proc.popen.pid, sig)
+        if proc.group is not None:
+            if sig == signal.SIGKILL:
+                proc.group.kill()
+            else:
+                proc.group.signal(sig)
 
     def _lapse(self, reason: str) -> None:
         running = [p for p in self.procs.values() if p.popen is not None and p.killing is None]
@@ -341,19 +496,83 @@ class Supervisor(threading.Thread):
             if proc.popen.poll() is not None:
                 self._exited(proc)
             elif proc.killing is not None and now >= proc.kill_deadline:
-                _signal_group(proc.popen.pid, signal.SIGKILL)
+                self._signal(proc, signal.SIGKILL)
                 proc.kill_deadline = now + 1.0
+            elif proc.hold_cpu_at is not None and now >= proc.hold_cpu_at and proc.group is not None:
+                proc.hold_cpu_at = None
+                try:
+                    proc.group.hold_cpu()
+                except OSError as exc:
+                    log.warning("deployment %s: cannot apply its cpu quota: %s", proc.dep_id, exc)
+        if now >= self._next_usage:
+            self._next_usage = now + self.ctl.settings.metrics_interval
+            self._publish_usage()
+        if now >= self._next_memory_check:
+            self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+            self._check_memory()
         if now >= self._next_fence_check:
             self._next_fence_check = now + FENCE_CHECK_INTERVAL
             self._check_ownership()
+            if self.leftovers:
+                self._sweep_leftovers()
+
+    def _check_memory(self) -> None:
+        """Where no kernel holds a group to its memory limit (the fallback), kill it past it."""
+        for proc in list(self.procs.values()):
+            group = proc.group
+            if proc.popen is not None and proc.killing is None and group is not None and not group.check():
+                log.warning("deployment %s is past its memory limit (%g MiB): killing it", proc.dep_id,
+                            group.limits.memory_mib)  # fmt: skip
+                self._signal(proc, signal.SIGKILL)
+
+    def _publish_usage(self) -> None:
+        """Each deployment's cpu and memory use, in the node's usage hash (one round trip)."""
+        use = self.meter.read()
+        if not use and not self._usage_shown:
+            return
+        key = k.USAGE.format(self.node_id)
+        ts = round(time.time(), 3)
+        try:
+            pipe = self.ctl.redis.pipeline(transaction=True)
+            pipe.delete(key)
+            if use:
+                pipe.hset(key, mapping={d: json.dumps({**u.to_dict(), "ts": ts}) for d, u in use.items()})
+                pipe.expire(key, max(3, int(self.ctl.settings.metrics_interval * 3)))
+            pipe.execute()
+            self._usage_shown = bool(use)
+        except UNREACHABLE as exc:
+            log.debug("usage not published: %s", exc)
+
+    def _release(self, proc: Proc) -> None:
+        """Kill what is left of the process's group, remove it, and give back its user."""
+        group, proc.group = proc.group, None
+        if group is not None:
+            group.kill()
+            if not group.remove():
+                self.leftovers.append(group)
+            self.containment.removed(group)
+        self.users.release(proc.dep_id)
+        sp.lock_workdir(self.work / proc.dep_id)
+
+    def _sweep_leftovers(self) -> None:
+        for group in list(self.leftovers):
+            group.kill()
+            if group.remove():
+                self.leftovers.remove(group)
 
     def _exited(self, proc: Proc) -> None:
         code = proc.popen.returncode if proc.popen is not None else None
+        oom = False
         if proc.popen is not None:
             _signal_group(proc.popen.pid, signal.SIGKILL)  # leftovers of its process group
+            if proc.group is not None:
+                proc.group.kill()  # and of its cgroup: a double-fork goes with the rest
+                oom = proc.group.oom_killed()
             killed = proc.popen.returncode == -signal.SIGKILL and proc.started < self.lapsed_at
             if proc.killing is None and (self.lapsed() or killed):
                 proc.killing = "lapse"  # the watchdog killed it while this thread could not look
+        limits = proc.group.limits if proc.group is not None else None
+        self._release(proc)
         proc.popen = None
         if self.procs.get(proc.dep_id) is proc:
             del self.procs[proc.dep_id]
@@ -371,6 +590,8 @@ class Supervisor(threading.Thread):
         policy = RestartPolicy.from_dict(proc.payload["restart"])
         code = -1 if code is None else code
         what = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        if oom and limits is not None:
+            what = limits.describe_oom()
         if policy.should_restart(code, proc.restarts):
             delay = policy.delay(proc.restarts)
             proc.restarts += 1
@@ -421,15 +642,37 @@ class Supervisor(threading.Thread):
 
 def command_line(command: list[str], package: Path) -> list[str]:
     """The command with ``python`` as this interpreter and package files as absolute paths."""
-    out = []
-    for i, part in enumerate(command):
-        if i == 0 and part in ("python", "python3"):
-            out.append(sys.executable)
-        elif not os.path.isabs(part) and (package / part).exists():
-            out.append(str(package / part))
-        else:
-            out.append(part)
-    return out
+    return sp.command_line(command, package)
+
+
+def describe_start_error(exc: BaseException) -> str:
+    """What stopped a process from starting, for its deployment's reason."""
+    if isinstance(exc, OSError) and exc.errno == errno.E2BIG:
+        return "its args and environment are too large for the system (E2BIG): pass less in args"
+    if isinstance(exc, ValueError) and "null" in str(exc):
+        return f"a NUL byte in its command or environment ({exc})"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        code = errno.errorcode.get(exc.errno, str(exc.errno))
+        name = str(exc.filename or "")
+        where = f": {name if len(name) <= 80 else '...' + name[-60:]}" if name else ""
+        return f"{exc.strerror} ({code}){where}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _protect_self() -> bool:
+    """As root: make the agent the OOM killer's last choice (-1000). True when done."""
+    if os.geteuid() != 0:
+        return False
+    return _set_oom_score(os.getpid(), -1000)
+
+
+def _set_oom_score(pid: int, score: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(score))
+    except OSError:
+        return False
+    return True
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -69,6 +69,12 @@ def run(payload: dict[str, Any]) -> str:
             reason=f"cannot unpack the package on node-{sup.node_id}: {exc}",
         )
         raise
+    except OSError as exc:  # a name too long for the file system, a full disk...: the restart policy decides
+        from workers.supervisor import describe_start_error
+
+        reason = f"cannot unpack the package on node-{sup.node_id}: {describe_start_error(exc)}"
+        sup.start_deployment(payload, None, failure=reason)
+        return str(payload["id"])
     sup.start_deployment(payload, package)
     return str(payload["id"])
 

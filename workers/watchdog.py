@@ -1,13 +1,19 @@
 """The fence watchdog: a small process forked by the agent that kills the node's algorithms
-when the agent has not renewed its lease in time.
+when the agent has not renewed its lease in time, and when the agent dies.
 
 The agent itself kills its algorithms when it notices it cannot reach Redis, but an
 agent that is frozen (SIGSTOP, a stuck host thread, swapping) notices nothing. The
 watchdog is a separate process, so it keeps watching: the agent writes
-``{"valid_until": t, "pgids": [...]}`` to a state file on each lease renewal and each
-spawn, and when ``valid_until`` passes, the watchdog kills every listed process group.
-``valid_until`` is a fraction of the lease TTL after the renewal, so the algorithms are
-gone before the lease expires and the heartbeat manager starts them elsewhere.
+``{"valid_until": t, "pgids": [...], "cgroups": [...], "uids": [...]}`` to a state file on
+each lease renewal and each spawn, and when ``valid_until`` passes, the watchdog kills
+every listed process group, every process in each listed cgroup (its ``cgroup.procs``
+file: a ``setsid`` double-fork is in there too) and every process of each listed uid (a
+deployment's own uid, under the fallback without cgroups). ``valid_until`` is a fraction
+of the lease TTL after the renewal, so the algorithms are gone before the lease expires
+and the heartbeat manager starts them elsewhere.
+
+When the agent dies (its death signal), the watchdog kills the same set before it exits:
+``PR_SET_PDEATHSIG`` only reaches the agent's direct children, not what they double-forked.
 """
 
 from __future__ import annotations
@@ -19,41 +25,83 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 #: part of the lease TTL after a renewal at which an unrenewed node kills its algorithms
 FENCE_FRACTION = 0.75
 POLL = 0.05
 #: longest sleep between two looks at the state file (new process groups show up by then)
 MAX_WAIT = 0.25
+#: rounds of SIGKILL over a cgroup's or uid's processes (forks between rounds are caught next)
+KILL_ROUNDS = 20
 
 
-def write_state(path: Path, valid_until: float, pgids: list[int]) -> None:
+class _AgentGone(Exception):
+    pass
+
+
+def write_state(
+    path: Path, valid_until: float, pgids: list[int], cgroups: list[str] | None = None, uids: list[int] | None = None
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"valid_until": valid_until, "pgids": pgids}))
+    tmp.write_text(json.dumps({"valid_until": valid_until, "pgids": pgids, "cgroups": cgroups or [],
+                               "uids": uids or []}))  # fmt: skip
     tmp.replace(path)
 
 
+def kill_all(state: dict[str, Any]) -> None:
+    """SIGKILL every process group, cgroup member and uid process the state lists."""
+    for pgid in state.get("pgids", []):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(int(pgid), signal.SIGKILL)
+    cgroups = [str(p) for p in state.get("cgroups", [])]
+    uids = {int(u) for u in state.get("uids", [])}
+    for _ in range(KILL_ROUNDS):
+        pids = [pid for procs in cgroups for pid in _read_pids(procs)] + (_uid_pids(uids) if uids else [])
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.005)
+
+
 def watch(path: Path, parent: int) -> None:
-    """Loop until the agent is gone; kill the listed process groups while the state is stale."""
+    """Loop until the agent is gone; kill the listed processes while the state is stale,
+    and once more when the agent dies."""
+
+    def gone(*_: Any) -> None:
+        raise _AgentGone
+
+    signal.signal(signal.SIGUSR1, gone)
     with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the agent
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG: told when the agent dies
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("-1000")  # never the OOM killer's choice (root only)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while os.getppid() == parent:
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            state = None
-        wait = POLL
-        if state:
-            left = float(state["valid_until"]) - time.time()
-            if left < 0:
-                for pgid in state.get("pgids", []):
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(int(pgid), signal.SIGKILL)
-            else:  # renewals only move the deadline later: no need to look before it
-                wait = min(max(left, POLL), MAX_WAIT)
-        time.sleep(wait)
+    state: dict[str, Any] | None = None
+    try:
+        while os.getppid() == parent:
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass  # keep the last state read: the agent may be rewriting it
+            wait = POLL
+            if state:
+                left = float(state["valid_until"]) - time.time()
+                if left < 0:
+                    kill_all(state)
+                else:  # renewals only move the deadline later: no need to look before it
+                    wait = min(max(left, POLL), MAX_WAIT)
+            time.sleep(wait)
+    except _AgentGone:
+        pass
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads(path.read_text())
+    if state:
+        kill_all(state)
 
 
 def start(path: Path) -> int:
@@ -66,3 +114,22 @@ def start(path: Path) -> int:
         finally:
             os._exit(0)
     return pid
+
+
+def _read_pids(path: str) -> list[int]:
+    try:
+        with open(path) as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _uid_pids(uids: set[int]) -> list[int]:
+    out = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != me:
+            with contextlib.suppress(OSError):
+                if entry.stat().st_uid in uids:
+                    out.append(int(entry.name))
+    return out
