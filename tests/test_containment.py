@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from dm.errors import InvalidArgs
 from dm.package import load_spec, pack
 from tests.system import System, alive, wait_for
 from workers.containment.base import CPU_START_GRACE
@@ -403,7 +404,14 @@ def test_each_kind_of_start_failure_ends_failed_with_its_cause(make_system, tmp_
     system.ctl.registry.add_algorithm(load_spec(longname), archive, hashlib.sha256(archive).hexdigest())
     assert pack(longname)  # the package itself is fine
 
-    too_big = system.deploy("plain", args={"blob": "x" * 200_000})
+    # args too large for the environment are refused at deploy time, with the limit
+    with pytest.raises(InvalidArgs, match="DM_ARGS"):
+        system.deploy("plain", args={"blob": "x" * 200_000})
+    # an environment too large all the same (the algorithm's own env) fails at the start: E2BIG
+    system.add_algorithm(
+        algorithm(tmp_path, "bigenv", SLEEPER, policy="on-failure", extra=f'[env]\nX = "{"x" * 200_000}"')
+    )
+    too_big = system.deploy("bigenv")
     nul_env = system.deploy("nulenv")
     nul_word = system.deploy("nulword")
     long_name = system.deploy("longname")
@@ -411,8 +419,9 @@ def test_each_kind_of_start_failure_ends_failed_with_its_cause(make_system, tmp_
     _failed_with(system, too_big["id"], "E2BIG")
     _failed_with(system, nul_env["id"], "NUL byte")
     _failed_with(system, nul_word["id"], "NUL byte")
-    done = _failed_with(system, long_name["id"], "cannot unpack the package")
-    assert "name" in done["reason"].lower()
+    # a member name longer than a package may hold is a bad package: failed at once, nothing retried
+    done = system.wait_state(long_name["id"], "failed", timeout=45)
+    assert "cannot unpack the package" in done["reason"] and "255 bytes" in done["reason"], done["reason"]
 
 
 # -- units ------------------------------------------------------------------------------
