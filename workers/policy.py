@@ -59,15 +59,14 @@ def on_exit(
     return Outcome(final, (D.RUNNING,), reason, code, restarts=restarts)
 
 
-def on_start_failure(policy: RestartPolicy, restarts: int, cause: str, state: D) -> Outcome:
-    """A process that could not be started at all (``cause``: the OS's error), from ``state``
-    (``scheduled`` or ``restarting``): the restart policy's next step, and finally ``failed``.
-    Retried like a failure whatever the policy says of exit codes, since it never ran."""
-    reason = f"cannot start: {cause}"
+def on_start_failure(policy: RestartPolicy, restarts: int, reason: str, state: D) -> Outcome:
+    """A process that could not be started at all (``reason``: what failed and the OS's error),
+    from ``state`` (``scheduled`` or ``restarting``): the restart policy's next step, and finally
+    ``failed``. Retried like a failure whatever the policy says of exit codes, since it never ran."""
     if policy.policy != "never" and restarts < policy.max_restarts:
         delay = policy.delay(restarts)
-        return Outcome(D.RESTARTING, (state,), f"{reason}, retry {restarts + 1}/{policy.max_restarts} in {delay:g}s",
+        return Outcome(D.RESTARTING, (state,), f"{reason}; restart {restarts + 1}/{policy.max_restarts} in {delay:g}s",
                        None, delay, restarts + 1)  # fmt: skip
     if policy.policy != "never":
-        reason += f", gave up after {restarts} restarts"
+        reason += f"; gave up after {restarts} restarts"
     return Outcome(D.FAILED, (state,), reason, None, restarts=restarts)

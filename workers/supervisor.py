@@ -27,23 +27,21 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dm import keys as k
 from dm.control import Control
 from dm.errors import DMError
+from dm.lifecycle import DeploymentState as D
 from dm.models import (
-    ACTIVE_STATES,
-    FAILED,
     LOST,
     RESTARTING,
     RUNNING,
     SCHEDULED,
     STOPPED,
     STOPPING,
-    SUCCEEDED,
     RestartPolicy,
 )
 from dm.package import load_spec, unpack
@@ -54,6 +52,7 @@ from workers.containment import spawn as sp
 from workers.containment.base import CPU_START_GRACE
 from workers.containment.usage import Meter
 from workers.outbox import UNREACHABLE, Outbox
+from workers.policy import Outcome, on_exit, on_start_failure
 from workers.watchdog import FENCE_FRACTION, write_state
 
 log = logging.getLogger(__name__)
@@ -249,9 +248,6 @@ class Supervisor(threading.Thread):
         """The group of each deployment running here (for the usage sampler: any thread)."""
         return {p.dep_id: p.group for p in list(self.procs.values()) if p.group is not None and p.popen is not None}
 
-    def running(self) -> dict[str, int]:
-        return {p.dep_id: p.generation for p in list(self.procs.values()) if p.popen is not None}
-
     # -- the supervisor thread ----------------------------------------------------
 
     def run(self) -> None:
@@ -417,26 +413,8 @@ class Supervisor(threading.Thread):
             del self.procs[proc.dep_id]
         proc.popen = None
         policy = RestartPolicy.from_dict(proc.payload["restart"])
-        gen, dep_id, expect = proc.generation, proc.dep_id, [proc.expect]
-        if policy.policy != "never" and proc.restarts < policy.max_restarts:
-            delay = policy.delay(proc.restarts)
-            proc.restarts += 1
-
-            def restart(moved: Doc | None) -> None:
-                if moved is not None and dep_id not in self.procs:
-                    proc.restart_at = time.monotonic() + delay
-                    proc.expect = RESTARTING
-                    self.procs[dep_id] = proc
-
-            self.outbox.send(
-                dep_id, RESTARTING, expect=expect, generation=gen, then=restart, current=current,
-                reason=f"{reason}; restart {proc.restarts}/{policy.max_restarts} in {delay:g}s",
-                restarts=proc.restarts, pid=None,
-            )  # fmt: skip
-            return
-        if policy.policy != "never":
-            reason += f"; gave up after {proc.restarts} restarts"
-        self.outbox.send(dep_id, FAILED, expect=expect, generation=gen, reason=reason, current=current, pid=None)
+        out = on_start_failure(policy, proc.restarts, reason, D(proc.expect))
+        self._report(proc, out, current=current)
 
     def _as_sent(self, proc: Proc) -> Doc | None:
         """The deployment as the control plane sent it, when the order is fresh: then nothing
@@ -577,48 +555,39 @@ class Supervisor(threading.Thread):
         if self.procs.get(proc.dep_id) is proc:
             del self.procs[proc.dep_id]
         self._write_fence()
-        gen, dep_id = proc.generation, proc.dep_id
-        if proc.killing == "stop":
-            self.outbox.send(dep_id, STOPPED, expect=[STOPPING], generation=gen, reason="stopped", exit_code=code)
+        why = limits.describe_oom() if oom and limits is not None else ""
+        out = on_exit(RestartPolicy.from_dict(proc.payload["restart"]), code, proc.restarts, proc.killing, why)
+        if out is None:  # fenced or shutting down: the registry is told elsewhere
             return
-        if proc.killing == "lapse":  # killed before its lease expired: placed again, here or elsewhere
-            reason = f"node-{self.node_id} could not renew its lease and killed its copy"
-            self.outbox.send(dep_id, LOST, expect=list(ACTIVE_STATES), generation=gen, reason=reason, pid=None)
-            return
-        if proc.killing is not None:  # fenced or shutting down: the registry is told elsewhere
-            return
-        policy = RestartPolicy.from_dict(proc.payload["restart"])
-        code = -1 if code is None else code
-        what = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
-        if oom and limits is not None:
-            what = limits.describe_oom()
-        if policy.should_restart(code, proc.restarts):
-            delay = policy.delay(proc.restarts)
-            proc.restarts += 1
+        if out.state == LOST:  # killed before its lease expired: placed again, here or elsewhere
+            out = replace(out, reason=f"node-{self.node_id} could not renew its lease and killed its copy")
+        self._report(proc, out)
 
-            def restart(moved: Doc | None) -> None:
+    def _report(self, proc: Proc, out: Outcome, current: Doc | None = None) -> None:
+        """Send what an exit or a failed start means (workers/policy.py) through the outbox; a
+        restart is scheduled once the registry took the ``restarting`` report."""
+        dep_id, gen = proc.dep_id, proc.generation
+        fields: dict[str, Any] = {"pid": None}
+        if out.exit_code is not None and out.state != STOPPED:
+            fields["exit_code"] = out.exit_code
+        elif out.state == STOPPED:
+            fields = {"exit_code": out.exit_code}
+        if current is not None:
+            fields["current"] = current
+        then = None
+        if out.state == RESTARTING:
+            proc.restarts = out.restarts
+            fields["restarts"] = out.restarts
+            delay = out.delay
+
+            def then(moved: Doc | None) -> None:
                 if moved is not None and dep_id not in self.procs:
                     proc.restart_at = time.monotonic() + delay
                     proc.expect = RESTARTING
                     self.procs[dep_id] = proc
 
-            self.outbox.send(
-                dep_id,
-                RESTARTING,
-                expect=[RUNNING],
-                generation=gen,
-                reason=f"{what}, restart {proc.restarts}/{policy.max_restarts} in {delay:g}s",
-                then=restart,
-                exit_code=code,
-                restarts=proc.restarts,
-                pid=None,
-            )
-            return
-        final = SUCCEEDED if code == 0 else FAILED
-        reason = what
-        if final == FAILED and policy.policy != "never" and proc.restarts >= policy.max_restarts:
-            reason += f", gave up after {proc.restarts} restarts"
-        self.outbox.send(dep_id, final, expect=[RUNNING], generation=gen, reason=reason, exit_code=code, pid=None)
+        self.outbox.send(dep_id, out.state, expect=list(out.expect), generation=gen, reason=out.reason, then=then,
+                         **fields)  # fmt: skip
 
     def _check_ownership(self) -> None:
         """Kill processes whose deployment has moved to another generation or node."""

@@ -67,10 +67,12 @@ def test_kills_by_the_supervisor_report_what_they_mean() -> None:
 
 
 def test_a_start_that_fails_is_retried_then_failed_with_its_cause() -> None:
-    first = on_start_failure(ON_FAILURE, 0, "[Errno 7] Argument list too long", D.SCHEDULED)
-    assert (first.state, first.expect, first.restarts) == (D.RESTARTING, (D.SCHEDULED,), 1)
-    last = on_start_failure(ON_FAILURE, 3, "[Errno 7] Argument list too long", D.RESTARTING)
+    cause = "cannot start: [Errno 7] Argument list too long"
+    first = on_start_failure(ON_FAILURE, 0, cause, D.SCHEDULED)
+    assert (first.state, first.expect, first.restarts, first.delay) == (D.RESTARTING, (D.SCHEDULED,), 1, 0.5)
+    assert first.reason == f"{cause}; restart 1/3 in 0.5s"
+    last = on_start_failure(ON_FAILURE, 3, cause, D.RESTARTING)
     assert (last.state, last.expect) == (D.FAILED, (D.RESTARTING,))
-    assert last.reason == "cannot start: [Errno 7] Argument list too long, gave up after 3 restarts"
-    never = on_start_failure(RestartPolicy("never"), 0, "embedded null byte", D.SCHEDULED)
+    assert last.reason == f"{cause}; gave up after 3 restarts"
+    never = on_start_failure(RestartPolicy("never"), 0, "cannot start: embedded null byte", D.SCHEDULED)
     assert (never.state, never.reason) == (D.FAILED, "cannot start: embedded null byte")
