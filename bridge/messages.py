@@ -27,7 +27,7 @@ from dm.storable import Unstorable, check_storable
 #: header names of a dead letter
 HEADER_PREFIX = "dm."
 #: the fields a request may have (anything else is refused, so a typo is not run without it)
-REQUEST_FIELDS = ("request_id", "algorithm", "version", "args")
+REQUEST_FIELDS = ("request_id", "algorithm", "version", "args", "keep_for")
 #: what a record costs beyond its key, value and headers (batch and record framing), with a margin
 RECORD_OVERHEAD = 512
 #: a reason longer than this is cut (it goes in a header)

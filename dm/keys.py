@@ -53,6 +53,9 @@ PRESENT_IN = "dm:present_in"
 #: hash: what the detector saw of Redis itself: ``run_id``, ``seen`` (time of the last pass),
 #: ``blind_until`` (no verdicts on leases before this time: Redis was away or restarted)
 DETECTOR = "dm:detector"
+#: hash: node id -> time it was declared dead by its lease (a silent failure): deployments that
+#: asked to keep running on a cut-off node (``keep_for``) move that long after it
+DEAD_SINCE = "dm:dead_since"
 #: string: time of the last completed failure-detector pass (the check-lag metric)
 HEARTBEAT_LAST = "dm:heartbeat:last"
 

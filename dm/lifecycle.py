@@ -159,6 +159,10 @@ def new_deployment(
         "env": spec.get("env") or {},
         "demand": spec["demand"],
         "restart": spec["restart"],
+        # seconds a cut-off node keeps it running; the control plane waits as long to move it
+        "keep_for": float(
+            request.keep_for if request.keep_for is not None else (spec.get("disconnect") or {}).get("keep_for") or 0.0
+        ),
         "state": D.PENDING.value,
         "node": None,
         "generation": 0,

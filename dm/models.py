@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dm.envconf import parse_duration
 from dm.errors import BadRequest
 from dm.lifecycle import ACTIVE, FINAL, DeploymentState
 
@@ -108,6 +109,8 @@ class AlgorithmSpec:
     description: str = ""
     #: the ``[limits]`` table: memory (MiB), cpu (cores), cpu_hard_limit, pids; each optional
     limits: dict[str, Any] = field(default_factory=dict)
+    #: seconds a node cut off from the control plane keeps it running (``[disconnect] keep_for``)
+    keep_for: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +124,7 @@ class AlgorithmSpec:
             "args_schema": self.args_schema,
             "description": self.description,
             "limits": dict(self.limits),
+            "disconnect": {"keep_for": self.keep_for},
         }
 
     @classmethod
@@ -136,6 +140,7 @@ class AlgorithmSpec:
             args_schema=data.get("args_schema"),
             description=data.get("description", ""),
             limits=dict(data.get("limits") or {}),
+            keep_for=float((data.get("disconnect") or {}).get("keep_for") or 0.0),
         )
 
 
@@ -147,6 +152,8 @@ class DeployRequest:
     args: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
     version: str | None = None
+    #: seconds a cut-off node keeps it running, overriding the algorithm's ``[disconnect] keep_for``
+    keep_for: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,6 +161,7 @@ class DeployRequest:
             "algorithm": self.algorithm,
             "version": self.version,
             "args": dict(self.args),
+            "keep_for": self.keep_for,
         }
 
     @classmethod
@@ -173,7 +181,15 @@ class DeployRequest:
             args = {}
         if not isinstance(args, dict):
             raise BadRequest(f"{what} field 'args' must be a JSON object")
-        return cls(algorithm=algorithm, args=args, request_id=request_id, version=version)
+        keep_for = data.get("keep_for")
+        if keep_for is not None:
+            try:
+                keep_for = parse_duration(keep_for)
+            except ValueError as exc:
+                raise BadRequest(f"{what} field 'keep_for' must be seconds, or like 30s, 5m, 2h: {exc}") from exc
+            if not 0 <= keep_for <= 7 * 86400:
+                raise BadRequest(f"{what} field 'keep_for' must be from 0 to 7 days, got {keep_for:g} s")
+        return cls(algorithm=algorithm, args=args, request_id=request_id, version=version, keep_for=keep_for)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ A package is a directory with an ``algorithm.toml`` at its root (read with tomll
     [env]                            # optional, string -> string; DM_* is reserved
     GREETING = "hi"
 
+    [disconnect]                     # optional: a node cut off from the control plane
+    keep_for = 30                    # seconds it keeps this running cut off (default 0; "2h" too); the
+                                     # control plane waits as long before it places it elsewhere
+
     [limits]                         # optional: what the node holds it to (see docs/operations.md)
     memory = 80                      # MiB (default: memory x DM_MEMORY_HEADROOM)
     cpu = 0.5                        # cores of cpu quota (default: cpu)
@@ -68,6 +72,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dm.envconf import parse_duration
 from dm.errors import BadPackage, InvalidArgs
 from dm.models import RESTART_POLICIES, AlgorithmSpec, Demand, RestartPolicy
 
@@ -145,7 +150,21 @@ def _properties(v: Any) -> bool:
     return len(dicts) == len(props) and all(p.get("type", "null") in _JSON_TYPES for p in dicts)
 
 
-_TABLES = ("restart", "args_schema", "logs", "limits")
+#: the longest an algorithm may ask to keep running on a cut-off node (a week)
+MAX_KEEP_FOR = 7 * 86400.0
+
+
+def _duration_within(most: float) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        try:
+            return not isinstance(v, bool) and 0 <= parse_duration(v) <= most
+        except ValueError:
+            return False
+
+    return check
+
+
+_TABLES = ("restart", "args_schema", "logs", "limits", "disconnect")
 _TEXT = (lambda v: isinstance(v, str), "must be a string")
 #: each field of algorithm.toml (tables dotted): its check and what it must be
 _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -179,6 +198,11 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logs.keep": (
         lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOG_KEEP,
         f"must be a whole number of rotated logs from 0 to {MAX_LOG_KEEP}",
+    ),
+    "disconnect": (lambda v: isinstance(v, dict), "must be a table: [disconnect]"),
+    "disconnect.keep_for": (
+        _duration_within(MAX_KEEP_FOR),
+        f"must be seconds (or 30s, 5m, 2h) from 0 to {MAX_KEEP_FOR:g}",
     ),
     "limits": (lambda v: isinstance(v, dict), "must be a table: [limits]"),
     "limits.memory": (_within(0, MAX_MEMORY, above=True), f"must be a number of MiB > 0 and <= {MAX_MEMORY}"),
@@ -372,6 +396,7 @@ def _parse(raw: bytes, source: str) -> AlgorithmSpec:
         args_schema=doc.get("args_schema"),
         description=doc.get("description", ""),
         limits=dict(doc.get("limits", {})),
+        keep_for=parse_duration((doc.get("disconnect") or {}).get("keep_for", 0)),
     )
 
 

@@ -31,6 +31,7 @@ def deploy(
     request_id: str | None = None,
     version: str | None = None,
     deployment_id: str | None = None,
+    keep_for: float | str | None = None,
 ) -> dict[str, Any]:
     """Deploy an algorithm; returns the deployment (id, node, state, ...).
 
@@ -41,7 +42,13 @@ def deploy(
         return deployer.public(deployer.place_or_grow(ports, ports.store.get(deployment_id)))
     # the task id stands in for a missing request id, so a redelivered message makes no second deployment
     request = DeployRequest.from_dict(
-        {"algorithm": algorithm, "args": args or {}, "request_id": request_id or self.request.id, "version": version}
+        {
+            "algorithm": algorithm,
+            "args": args or {},
+            "request_id": request_id or self.request.id,
+            "version": version,
+            "keep_for": keep_for,
+        }
     )
     return deployer.public(deployer.deploy(ports, request))
 

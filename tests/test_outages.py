@@ -138,3 +138,41 @@ def test_mongodb_away_30s_touches_nothing_running_and_a_deploy_made_meanwhile_is
         system.stop()
         mongo.stop()
         redis[0].stop()
+
+
+def test_a_frozen_node_kills_its_copies_first_and_keep_for_holds_one_there(make_system, tmp_path):
+    # Given two services on a node, one asking to keep running when its node is cut off
+    system = make_system(nodes=1, lease_ttl=3)
+    system.add_examples("service")
+    ledger = tmp_path / "ledger"
+    args = {"interval": 0.1, "ledger": str(ledger)}
+    plain = system.wait_state(system.deploy("service", args=args)["id"], "running")
+    held = system.wait_state(system.deploy("service", args=args, keep_for=30)["id"], "running")
+    victim = plain["node"]
+    assert held["node"] == victim
+    system.add_node()
+    system.wait_nodes_up(2)
+    agent = system.node_pid(victim)
+
+    # When its agent freezes (SIGSTOP: its lease stops, its connections stay open)
+    os.kill(agent, signal.SIGSTOP)
+    frozen = time.time()
+    try:
+        # Then the plain one runs elsewhere within the lease and 2 s, its old copy gone first
+        moved = wait_for(lambda: (d := system.deployment(plain["id"]))["node"] != victim and d["state"] == "running"
+                         and d, system.settings.lease_ttl + 2 + 5, what="the plain one elsewhere")  # fmt: skip
+        assert moved["generation"] > plain["generation"]
+        # and the held one keeps running on the frozen node, recorded there, for its 30 s
+        wait_for(lambda: time.time() > frozen + 20, 25, interval=0.5, what="20 s into the freeze")
+        still = system.deployment(held["id"])
+        assert (still["node"], still["generation"], still["state"]) == (victim, held["generation"], "running")
+        assert max(i.last_seen for i in instances(ledger)[held["id"]]) > frozen + 18  # it ticked on there
+        # and moves only after its keep_for
+        later = wait_for(lambda: (d := system.deployment(held["id"]))["node"] != victim and d["state"] == "running"
+                         and d, 30, what="the held one elsewhere")  # fmt: skip
+        assert time.time() > frozen + 30 and later["generation"] > held["generation"]
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    # And no deployment ever had two copies alive at once
+    wait_for(lambda: all(len(instances(ledger)[d]) == 2 for d in (plain["id"], held["id"])), 10, what="ledger")
+    assert overlaps(ledger) == []

@@ -107,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     def rejoin() -> None:
         # declared dead while it could not renew (frozen, cut off): whatever it ran has moved on.
         # Redis last: until both stores say up, the next renewal sees "dead" and tries again
-        supervisor.fence_all("this node was declared dead")
+        # The control plane moved what it could; what asked to keep running cut off
+        # (keep_for) and was not moved yet is still ours: the registry says which
         set_node_state(ctl.ports, node_id, node_manager.UP)
-        log.warning("node-%s was declared dead; it killed its algorithms and rejoins empty", node_id)
+        ours = {d["_id"]: d["generation"] for d in ctl.ports.store.active_on(node_id) if d["state"] in ACTIVE_STATES}
+        supervisor.fence_all("this node was declared dead", keep=ours)
+        log.warning("node-%s was declared dead; it killed the algorithms moved elsewhere and rejoins with %d",
+                    node_id, len(ours))  # fmt: skip
 
     def reregister() -> None:
         # Redis lost its data (a new, empty server): the node's hash is gone. The registry

@@ -206,9 +206,10 @@ class Supervisor(threading.Thread):
     def kill_deployment(self, dep_id: str, generation: int, reason: str) -> None:
         self.orders.put(("kill", (dep_id, generation, reason)))
 
-    def fence_all(self, reason: str) -> None:
-        """Kill every algorithm without a report: the registry has given them to other nodes."""
-        self.orders.put(("fence_all", reason))
+    def fence_all(self, reason: str, keep: dict[str, int] | None = None) -> None:
+        """Kill every algorithm without a report: the registry has given them to other nodes;
+        but those of ``keep`` (deployment -> generation), which the registry says are still ours."""
+        self.orders.put(("fence_all", (reason, dict(keep or {}))))
 
     def lapse(self, reason: str) -> None:
         """Kill every algorithm and report each ``lost``: this node cannot prove it still owns them."""
@@ -235,14 +236,25 @@ class Supervisor(threading.Thread):
 
     def _write_fence(self) -> None:
         procs = list(self.procs.values())
+        now_ = [p for p in procs if not keep_for(p)]
+        pgids, cgroups, uids = self._fence_set(now_, list(self.leftovers))
+        held = []
+        for p in procs:
+            if keep_for(p):
+                h_pgids, h_cgroups, h_uids = self._fence_set([p], [])
+                held.append({"keep_for": keep_for(p), "pgids": h_pgids, "cgroups": h_cgroups, "uids": h_uids})
+        with self._fence_lock:
+            write_state(self.fence_file, self.valid_until, pgids, cgroups, uids, held)
+
+    @staticmethod
+    def _fence_set(procs: list[Proc], leftovers: list[Group]) -> tuple[list[int], list[str], list[int]]:
         pgids = [p.popen.pid for p in procs if p.popen is not None]
-        groups = [p.group for p in procs if p.group is not None] + list(self.leftovers)
+        groups = [p.group for p in procs if p.group is not None] + leftovers
         cgroups = [f for g in groups for f in g.join_files()[:1]]
         # a uid of its own and no cgroup: the watchdog kills by uid
         uids = [p.user.uid for p in procs if p.user is not None and p.user.own and p.group is not None
                 and not p.group.join_files()]  # fmt: skip
-        with self._fence_lock:
-            write_state(self.fence_file, self.valid_until, pgids, cgroups, uids)
+        return pgids, cgroups, uids
 
     def groups(self) -> dict[str, Group]:
         """The group of each deployment running here (for the usage sampler: any thread)."""
@@ -282,9 +294,11 @@ class Supervisor(threading.Thread):
             elif proc is None:  # not here (already exited): just record it
                 self.outbox.send(dep_id, STOPPED, expect=[STOPPING], generation=generation, reason=reason)
         elif kind == "fence_all":
-            log.warning("node-%s fences itself: %s", self.node_id, arg)
+            reason, keep = arg if isinstance(arg, tuple) else (arg, {})
+            log.warning("node-%s fences itself: %s", self.node_id, reason)
             for proc in list(self.procs.values()):
-                self._kill(proc, "fence", grace=0.0)
+                if keep.get(proc.dep_id) != proc.generation:
+                    self._kill(proc, "fence", grace=0.0)
         elif kind == "lapse":
             self._lapse(arg)
         elif kind == "shutdown":
@@ -455,7 +469,9 @@ class Supervisor(threading.Thread):
                 proc.group.signal(sig)
 
     def _lapse(self, reason: str) -> None:
-        running = [p for p in self.procs.values() if p.popen is not None and p.killing is None]
+        # a deployment that asked to keep running cut off ([disconnect] keep_for) goes that much later
+        late = time.time() - self.valid_until
+        running = [p for p in self.procs.values() if p.popen is not None and p.killing is None and late > keep_for(p)]
         if running:
             log.warning("node-%s kills its %d algorithm(s): %s", self.node_id, len(running), reason)
         for proc in running:
@@ -607,6 +623,11 @@ class Supervisor(threading.Thread):
             if doc is None or doc["generation"] != proc.generation or doc.get("node") != self.node_id:
                 log.warning("deployment %s gen %s is no longer ours: killing it", dep_id, proc.generation)
                 self._kill(proc, "fence", grace=0.0)
+
+
+def keep_for(proc: Proc) -> float:
+    """Seconds the deployment keeps running on a cut-off node past the lease's fence."""
+    return float(proc.payload.get("keep_for") or 0.0)
 
 
 def command_line(command: list[str], package: Path) -> list[str]:

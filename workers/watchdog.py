@@ -41,11 +41,18 @@ class _AgentGone(Exception):
 
 
 def write_state(
-    path: Path, valid_until: float, pgids: list[int], cgroups: list[str] | None = None, uids: list[int] | None = None
+    path: Path,
+    valid_until: float,
+    pgids: list[int],
+    cgroups: list[str] | None = None,
+    uids: list[int] | None = None,
+    held: list[dict[str, Any]] | None = None,
 ) -> None:
+    """``held``: sets ({keep_for, pgids, cgroups, uids}) of deployments that keep running on a
+    cut-off node for ``keep_for`` seconds past ``valid_until`` (``[disconnect] keep_for``)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"valid_until": valid_until, "pgids": pgids, "cgroups": cgroups or [],
-                               "uids": uids or []}))  # fmt: skip
+                               "uids": uids or [], "held": held or []}))  # fmt: skip
     tmp.replace(path)
 
 
@@ -89,9 +96,13 @@ def watch(path: Path, parent: int) -> None:
                 pass  # keep the last state read: the agent may be rewriting it
             wait = POLL
             if state:
-                left = float(state["valid_until"]) - time.time()
+                now = time.time()
+                left = float(state["valid_until"]) - now
                 if left < 0:
                     kill_all(state)
+                    for held in state.get("held") or []:  # kept running cut off: until their own deadline
+                        if left + float(held.get("keep_for") or 0) < 0:
+                            kill_all(held)
                 else:  # renewals only move the deadline later: no need to look before it
                     wait = min(max(left, POLL), MAX_WAIT)
             time.sleep(wait)
@@ -100,8 +111,10 @@ def watch(path: Path, parent: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     with contextlib.suppress(OSError, ValueError):
         state = json.loads(path.read_text())
-    if state:
+    if state:  # the agent died: everything goes with it, held or not
         kill_all(state)
+        for held in state.get("held") or []:
+            kill_all(held)
 
 
 def start(path: Path) -> int:

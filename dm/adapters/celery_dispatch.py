@@ -39,6 +39,7 @@ def run_payload(doc: Doc) -> dict[str, Any]:
         "args": doc.get("args") or {},
         "restart": doc["restart"],
         "restarts": doc.get("restarts", 0),
+        "keep_for": doc.get("keep_for") or 0.0,
     }
 
 

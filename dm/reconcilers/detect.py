@@ -144,27 +144,46 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
         seen = float(obs.detector.get("seen") or now)
         detector.update(outage_at=repr(seen), outage_seconds=repr(round(now - seen, 3)), outage=v.blind_reason)
     f.set_marks(k.DETECTOR, detector)
-    moved = sum(fail_over(ports, node_id, reason) for node_id, reason in sorted(v.dead.items()))
+    moved = sum(fail_over(ports, node_id, reason, now) for node_id, reason in sorted(v.dead.items()))
     f.put(k.HEARTBEAT_LAST, repr(time.time()))
     return {"dead": sorted(v.dead), "failed_over": moved, "blind": v.blind_until > now}
 
 
-def fail_over(ports: Ports, node_id: str, reason: str) -> int:
+def silent(reason: str) -> bool:
+    """A verdict by the lease: the node may be alive and cut off, running its algorithms (a
+    process that died, or whose connection closed, took its children with it)."""
+    return reason.endswith(("lease expired", f"within {NODE_START_GRACE:g}s"))
+
+
+def fail_over(ports: Ports, node_id: str, reason: str, now: float | None = None) -> int:
     """Mark a node dead and place its deployments again; returns how many moved. One checker
-    wins the node's compare-and-set; the others only bring the fleet's copy of its state along."""
+    wins the node's compare-and-set; the others only bring the fleet's copy of its state along.
+    After a silent failure, a deployment that asked to keep running on a cut-off node
+    (``keep_for``) is moved that long after the verdict (by :mod:`dm.reconcilers.replace`): its
+    node kills it before then."""
+    now = time.time() if now is None else now
     if not set_node_state(ports, node_id, NodeState.DEAD, expect=(*LIVE_NODE, NodeState.STOPPING)):
         ports.fleet.set_state(node_id, NodeState.DEAD)  # another checker won: bring the copy along
         return 0
     log.warning("%s: failing over its deployments", reason)
+    if silent(reason):
+        ports.fleet.set_marks(k.DEAD_SINCE, {node_id: repr(now)})
+        return move_deployments(ports, node_id, reason, held_since=now, now=now)
     return move_deployments(ports, node_id, reason)
 
 
-def move_deployments(ports: Ports, node_id: str, reason: str) -> int:
+def move_deployments(
+    ports: Ports, node_id: str, reason: str, held_since: float | None = None, now: float | None = None
+) -> int:
     """Each active deployment of a dead node ``lost`` and placed again (compare-and-sets all);
-    a ``stopping`` one is ``stopped``: its node killed it, or died with it."""
+    a ``stopping`` one is ``stopped``: its node killed it, or died with it. With ``held_since``
+    (a silent failure then), one whose ``keep_for`` has not passed since stays for now."""
     from dm import deployer
 
+    now = time.time() if now is None else now
     docs = ports.store.active_on(node_id)
+    if held_since is not None:
+        docs = [d for d in docs if now >= held_since + float(d.get("keep_for") or 0.0)]
     stopping = [d for d in docs if d["state"] == D.STOPPING]
     transition_many(ports, stopping, D.STOPPED, actor=Actor.CONTROL, reason=f"stopped ({reason})")
     lost = transition_many(ports, [d for d in docs if d["state"] in ACTIVE], D.LOST, actor=Actor.CONTROL,

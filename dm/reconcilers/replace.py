@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from dm import deployer
+from dm import keys as k
 from dm.lifecycle import Actor, D, NodeState, transition
 from dm.models import Demand
 from dm.ports import Ports
@@ -30,18 +31,27 @@ BATCH = 500
 def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     return {
-        "finished_fail_overs": finish_fail_overs(ports),
+        "finished_fail_overs": finish_fail_overs(ports, now),
         "timed_out": retry_unstarted(ports, now),
         "placed": place_waiting(ports),
     }
 
 
-def finish_fail_overs(ports: Ports) -> int:
-    """Move what a fail-over cut short (by an outage of MongoDB or Redis) left on a dead node."""
+def finish_fail_overs(ports: Ports, now: float | None = None) -> int:
+    """Move what a fail-over left on a dead node: what an outage of MongoDB or Redis cut short,
+    and what asked to keep running on a cut-off node once its ``keep_for`` has passed."""
+    now = time.time() if now is None else now
     dead = [n for n, h in ports.fleet.node_hashes().items() if h.get("state") == NodeState.DEAD]
-    return sum(
-        move_deployments(ports, node_id, f"node-{node_id} is dead") for node_id in ports.store.nodes_holding(dead)
-    )
+    holding = ports.store.nodes_holding(dead)
+    if not holding:
+        return 0
+    since = ports.fleet.marks(k.DEAD_SINCE)
+    moved = 0
+    for node_id in holding:
+        held = float(since[node_id]) if node_id in since else None
+        reason = f"node-{node_id} is dead" + (" (its deployments' keep_for has passed)" if held else "")
+        moved += move_deployments(ports, node_id, reason, held_since=held, now=now)
+    return moved
 
 
 def retry_unstarted(ports: Ports, now: float) -> int:

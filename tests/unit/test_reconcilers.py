@@ -8,6 +8,7 @@ import time
 from dm import deployer
 from dm import keys as k
 from dm.adapters.memory import MemoryPorts
+from dm.lifecycle import Actor, D, transition
 from dm.models import Demand, DeployRequest
 from dm.reconcilers import allocations, detect, replace, scale
 
@@ -235,3 +236,28 @@ def test_allocations_are_rebuilt_from_the_registry(ports: MemoryPorts) -> None:
     assert allocations.run(ports) == {"added": 1, "freed": 1}
     assert doc["_id"] in ports.fleet.allocations(doc["node"])
     assert set(ports.fleet.allocations("2")) >= {"young"} and "phantom" not in ports.fleet.allocations("2")
+
+
+def test_a_deployment_that_keeps_running_cut_off_moves_only_after_its_keep_for(ports: MemoryPorts) -> None:
+    held, plain = running_on(ports, "1", 2)
+    for doc in (held, plain):  # their node started them
+        transition(ports, doc["_id"], D.RUNNING, actor=Actor.NODE, expect=[D.SCHEDULED], pid=100)
+    ports.store.docs[held["_id"]]["keep_for"] = 30.0
+    now = warm(ports)
+    ports.fleet.no_presence = True  # a cut-off host: only its lease tells
+    ports.fleet.nodes["1"].lease = False
+    assert detect.run(ports, now)["failed_over"] == 1  # the plain one moves at once
+    assert ports.store.get(plain["_id"])["node"] == "2"
+    assert ports.store.get(held["_id"])["state"] == "running" and ports.store.get(held["_id"])["node"] == "1"
+    assert replace.finish_fail_overs(ports, now + 29) == 0
+    assert replace.finish_fail_overs(ports, now + 30.5) == 1
+    moved = ports.store.get(held["_id"])
+    assert (moved["node"], moved["generation"]) == ("2", 2)
+
+
+def test_keep_for_does_not_hold_a_node_whose_process_died(ports: MemoryPorts) -> None:
+    held = running_on(ports, "1", 1)[0]
+    ports.store.docs[held["_id"]]["keep_for"] = 30.0
+    ports.provider.gone.append("1")  # its agent exited: its children died with it
+    assert detect.run(ports)["failed_over"] == 1
+    assert ports.store.get(held["_id"])["node"] == "2"
