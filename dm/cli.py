@@ -224,7 +224,7 @@ def cmd_deploy(a: argparse.Namespace) -> int:
     args = _parse_args(a.arg or [])
     if a.args_json:
         args.update(json.loads(a.args_json))
-    result = deploy.delay(a.name, args=args, request_id=a.request_id, version=a.version)
+    result = deploy.delay(a.name, args=args, request_id=a.request_id, version=a.version, keep_for=a.keep_for)
     try:
         dep = result.get(timeout=a.timeout, propagate=True)
     finally:
@@ -468,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--args-json", metavar="JSON", help="args as one JSON object")
     sp.add_argument("--version")
     sp.add_argument("--request-id")
+    sp.add_argument("--keep-for", metavar="DURATION", help="how long a cut-off node keeps it running (30s, 2h; "
+                    "default: the algorithm's [disconnect] keep_for)")  # fmt: skip
     sp.add_argument("--wait", action="store_true", help="wait and show progress until it ends")
     sp.add_argument("--until", choices=["final", "running"], default="final", help="with --wait: what to wait for")
     sp.add_argument("--timeout", type=float, default=60.0)
