@@ -25,7 +25,9 @@ phase (``scheduled`` -> ``running``) at most 2 ms more with containment than wit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
+import shutil
 import socket
 import sys
 import time
@@ -195,6 +197,11 @@ def stop_all(h: Harness, command: list[str], baseline_pids: list[int]) -> None:
         h.stop(name)
     for name in [n for n in h.procs if n.startswith("node-")]:
         h.stop(name, timeout=30)
+    # the contained nodes' work dirs and cache, outside the harness's dir when they ran under uids
+    from workers.supervisor import RUN_ROOT
+
+    key = hashlib.sha256(str(h.home.resolve()).encode()).hexdigest()[:12]
+    shutil.rmtree(RUN_ROOT / key, ignore_errors=True)
     left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == command]
     for proc in left:
         proc.kill()

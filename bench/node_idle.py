@@ -7,7 +7,9 @@ agent's ``dm:node:X`` hash says ``up`` and the baseline answers a ping, both set
 are measured over the same window: CPU time used (percent of one core) and memory
 (RSS sampled every second: the last and the largest; PSS and USS at the end). The agent
 is measured alone and with its children (the fence watchdog it forks), as the node's
-whole cost. Goal: at most 80 MB RSS and 1% of a core.
+whole cost. Goal: at most 80 MB RSS and 1% of a core. A second agent runs with
+containment off (``DM_CONTAINMENT=none DM_UID_RANGE=off``) beside it: containment must cost
+nothing at idle.
 
     /work/venv/bin/python bench/node_idle.py [--seconds 20] [--no-doc]
 """
@@ -99,13 +101,18 @@ def run(h: Harness, args: argparse.Namespace) -> list[Watch]:
     node_id = f"idle-{uuid.uuid4().hex[:6]}"
     agent = h.spawn("agent", [sys.executable, "-m", "workers", "--id", node_id, "--cpus", "1", "--memory", "1024",
                               "--concurrency", str(args.concurrency)])  # fmt: skip
+    env, off_id = h.env, f"{node_id}-off"
+    h.env = {**env, "DM_CONTAINMENT": "none", "DM_UID_RANGE": "off"}
+    off = h.spawn("agent-off", [sys.executable, "-m", "workers", "--id", off_id, "--cpus", "1", "--memory", "1024",
+                                "--concurrency", str(args.concurrency)])  # fmt: skip
+    h.env = env
     name = f"baseline-{uuid.uuid4().hex[:6]}"
     base = h.spawn("baseline", baseline_worker_cmd(args.concurrency, name=name))
     r = redis.Redis.from_url(h.stack.redis_url, decode_responses=True)
 
     def agent_up() -> bool:
         h.check_alive()
-        return r.hget(k.NODE.format(node_id), "state") == "up"
+        return all(r.hget(k.NODE.format(n), "state") == "up" for n in (node_id, off_id))
 
     def baseline_up() -> bool:
         h.check_alive()
@@ -116,8 +123,10 @@ def run(h: Harness, args: argparse.Namespace) -> list[Watch]:
     print(f"node agent (pid {agent.pid}) and baseline worker (pid {base.pid}) up; settling {args.settle:g} s, "
           f"then measuring {args.seconds:g} s ...", flush=True)  # fmt: skip
     time.sleep(args.settle)
+    mode = r.hget(k.NODE.format(node_id), "containment")
     watches = [Watch("baseline: bare `celery worker` (threads)", base.pid), Watch("dm node agent (process)", agent.pid),
-               Watch("dm node agent + children (watchdog)", agent.pid, tree=True)]  # fmt: skip
+               Watch(f"dm node agent + children (watchdog); containment {mode}", agent.pid, tree=True),
+               Watch("dm node agent + children, containment off", off.pid, tree=True)]  # fmt: skip
     for w in watches:
         w.start()
     t0 = time.monotonic()
@@ -135,7 +144,7 @@ def run(h: Harness, args: argparse.Namespace) -> list[Watch]:
 
 
 def report(args: argparse.Namespace, watches: list[Watch], elapsed: float) -> None:
-    base, agent, tree = watches
+    base, agent, tree, _ = watches
     rows = [
         [w.name, len(w.procs), w.threads, f"{w.rss[-1]:.1f}", f"{max(w.rss):.1f}", f"{w.pss:.1f}", f"{w.uss:.1f}",
          f"{w.cpu_percent:.2f}"]

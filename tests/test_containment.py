@@ -568,3 +568,33 @@ def test_uids_are_held_one_per_deployment_and_a_bad_range_is_a_clear_error(tmp_p
     assert "not root" in users.Users(UIDS, euid=1000).describe()
     with pytest.raises(ConfigError, match="DM_UID_RANGE"):
         users.Users("0-10", euid=0)
+
+
+@pytest.mark.unit
+def test_the_mode_can_be_forced_and_a_wrong_word_is_a_clear_error():
+    from dm.errors import ConfigError
+    from workers.containment import Fallback, detect
+
+    forced = detect("none", "node-9-1")
+    assert isinstance(forced, Fallback) and forced.mode == "none (rss watchdog)"
+    with pytest.raises(ConfigError, match="use cgroup, none"):
+        detect("strict", "node-9-1")
+
+
+@pytest.mark.unit
+def test_one_named_user_for_every_deployment_is_shared_and_never_root():
+    import pwd
+
+    from dm.errors import ConfigError
+    from workers.containment.users import Users
+
+    nobody = pwd.getpwnam("nobody")
+    users = Users(run_as="nobody", euid=0)
+    user = users.acquire("dep-a")
+    assert user is not None and (user.uid, user.gid, user.own) == (nobody.pw_uid, nobody.pw_gid, False)
+    assert users.acquire("dep-b") == user
+    assert users.describe() == f"user nobody (uid {nobody.pw_uid})"
+    with pytest.raises(ConfigError, match="root"):
+        Users(run_as="root", euid=0)
+    with pytest.raises(ConfigError, match="not a user"):
+        Users(run_as="no-such-user-here", euid=0)

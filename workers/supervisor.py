@@ -311,6 +311,9 @@ class Supervisor(threading.Thread):
                 time.sleep(0.02)
             self.outbox.retry_at = 0.0  # one last try at what is kept
             self.outbox.flush()
+            self._sweep_leftovers()
+            if not self.procs and not self.leftovers:
+                self.containment.close()
             self.stopped.set()
             arg.put(payloads)
 

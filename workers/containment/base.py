@@ -137,6 +137,9 @@ class Containment(ABC):
     def removed(self, group: Group) -> None:  # noqa: B027 - only weights kept per node need it
         """``group`` was removed."""
 
+    def close(self) -> None:  # noqa: B027 - the fallback keeps nothing on the host
+        """Remove this agent's own directories (its groups are gone: the agent stops)."""
+
     def cleanup_stale(self) -> int:
         """Empty and remove groups left by agents that died; returns how many."""
         return 0
@@ -183,12 +186,15 @@ def proc_cpu_seconds(pids: list[int]) -> float:
 
 
 def proc_rss(pids: list[int]) -> int:
-    """Resident bytes of these processes (from /proc/PID/statm)."""
+    """Resident bytes of these processes that are their own: resident minus shared (file
+    and shmem) pages, from /proc/PID/statm. What a memory cgroup would charge them, near
+    enough: the C library's pages every process maps do not count against each of them."""
     total = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * _PAGE
+                fields = f.read().split()
+            total += max(0, int(fields[1]) - int(fields[2])) * _PAGE
         except (OSError, ValueError, IndexError):
             continue
     return total

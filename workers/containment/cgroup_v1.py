@@ -151,6 +151,11 @@ class CgroupV1(Containment):
             raise
         return group
 
+    def close(self) -> None:
+        for d in _unique(self.dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
     def cleanup_stale(self) -> int:
         """Scopes of agents that are gone (a kill -9 leaves them, maybe with a double-forked
         process inside): kill what is left in them and remove them."""

@@ -117,6 +117,12 @@ class CgroupV2(Containment):
             raise Unavailable(f"cannot write the cgroup {dm_dir}: {exc.strerror}") from exc
         return cls(scope_dir)
 
+    def close(self) -> None:
+        try:
+            self.scope_dir.rmdir()
+        except OSError:
+            pass
+
     def create(self, name: str, limits: Limits, uid: int | None = None) -> Group:
         path = self.scope_dir / name
         group = CgroupV2Group(name, limits, path)
