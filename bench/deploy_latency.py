@@ -134,7 +134,7 @@ def run(
         return all(r.hget(k.NODE.format(n), "state") == "up" for n in node_ids)
 
     wait_for(nodes_up, 90, f"{len(node_ids)} node(s) up")
-    modes = {n: f"{r.hget(c.NODE_KEY.format(n), 'containment')}, {r.hget(c.NODE_KEY.format(n), 'run_as')}"
+    modes = {n: f"{r.hget(k.NODE.format(n), 'containment')}, {r.hget(k.NODE.format(n), 'run_as')}"
              for n in node_ids}  # fmt: skip
     wait_for(
         lambda: baseline_app.control.ping(destination=[f"{baseline}@{socket.gethostname()}"], timeout=0.5),

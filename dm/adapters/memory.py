@@ -117,7 +117,7 @@ class MemoryStore:
         return [_public(d) for d in self.docs.values() if d.get("node") == node_id and d["state"] in states]
 
     def waiting(self, limit: int) -> list[Doc]:
-        rows = sorted((d for d in self.docs.values() if d["state"] in WAITING), key=lambda d: d["updated_at"])
+        rows = sorted((d for d in self.docs.values() if d["state"] in WAITING), key=lambda d: d["created_at"])
         return [_public(d) for d in rows[:limit]]
 
     def unstarted(self, before: float, limit: int) -> list[Doc]:

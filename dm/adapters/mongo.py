@@ -137,7 +137,7 @@ class MongoDeployments:
 
     def waiting(self, limit: int) -> list[Doc]:
         query = {"state": {"$in": _values(*WAITING)}}
-        return list(self.col.find(query, NO_HISTORY).sort("updated_at", 1).limit(limit))
+        return list(self.col.find(query, NO_HISTORY).sort("created_at", 1).limit(limit))  # (state, created_at)
 
     def unstarted(self, before: float, limit: int) -> list[Doc]:
         query = {"state": D.SCHEDULED.value, "scheduled_at": {"$lt": before}}
