@@ -294,7 +294,8 @@ def report(args: argparse.Namespace, res: dict[str, Any], elapsed: float) -> Non
         print(part + "\n")
     if not args.no_doc:
         body = f"{setup}\n\n{rates}\n\n{split_table}\n\n{growth}\n\n{summary}\n"
-        print(f"wrote {write_section('placement', f'Placement throughput with {args.nodes} nodes', body)}")
+        key = "placement" if args.nodes == 50 else f"placement_{args.nodes}"  # one section per fleet size
+        print(f"wrote {write_section(key, f'Placement throughput with {args.nodes} nodes', body)}")
 
 
 if __name__ == "__main__":
