@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from dm.package import load_spec, pack
+from dm.status import deployment_usage
 from tests.system import System, alive, wait_for
 from workers.containment.base import CPU_START_GRACE
 
@@ -252,6 +253,10 @@ def test_a_cpu_hog_is_held_to_its_quota_and_without_a_hard_limit_may_use_more(ma
     hard = system.deploy("cpuhog")
     used = used_over_5s(hard["id"])
     assert used <= 0.3, f"the hog declaring 0.25 cpu used {used:.2f} cores"
+    # and its node publishes what it uses (its cgroup's counters)
+    node = system.deployment(hard["id"])["node"]
+    use = wait_for(lambda: deployment_usage(system.ctl, [node]).get(hard["id"]), 10, what="the hog's usage")
+    assert 0.1 <= use["cpu"] <= 0.35 and use["memory"] > 0 and use["memory_limit"] == 80
     system.dm("stop", hard["id"])
     system.wait_state(hard["id"], "stopped")
 
