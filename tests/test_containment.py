@@ -116,7 +116,7 @@ def _drop_run_dirs(tmp_path: Path) -> Any:
     import hashlib
     import shutil
 
-    from workers.supervisor import RUN_ROOT
+    from workers.containment.host import RUN_ROOT
 
     for i in range(4):
         key = hashlib.sha256(str((tmp_path / f"home{i}").resolve()).encode()).hexdigest()[:12]
