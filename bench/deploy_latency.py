@@ -198,7 +198,7 @@ def stop_all(h: Harness, command: list[str], baseline_pids: list[int]) -> None:
     for name in [n for n in h.procs if n.startswith("node-")]:
         h.stop(name, timeout=30)
     # the contained nodes' work dirs and cache, outside the harness's dir when they ran under uids
-    from workers.supervisor import RUN_ROOT
+    from workers.containment.host import RUN_ROOT
 
     key = hashlib.sha256(str(h.home.resolve()).encode()).hexdigest()[:12]
     shutil.rmtree(RUN_ROOT / key, ignore_errors=True)

@@ -17,6 +17,7 @@ import pytest
 
 from dm.errors import InvalidArgs
 from dm.package import load_spec, pack
+from dm.status import deployment_usage
 from tests.system import System, alive, wait_for
 from workers.containment.base import CPU_START_GRACE
 
@@ -116,7 +117,7 @@ def _drop_run_dirs(tmp_path: Path) -> Any:
     import hashlib
     import shutil
 
-    from workers.supervisor import RUN_ROOT
+    from workers.containment.host import RUN_ROOT
 
     for i in range(4):
         key = hashlib.sha256(str((tmp_path / f"home{i}").resolve()).encode()).hexdigest()[:12]
@@ -253,6 +254,10 @@ def test_a_cpu_hog_is_held_to_its_quota_and_without_a_hard_limit_may_use_more(ma
     hard = system.deploy("cpuhog")
     used = used_over_5s(hard["id"])
     assert used <= 0.3, f"the hog declaring 0.25 cpu used {used:.2f} cores"
+    # and its node publishes what it uses (its cgroup's counters)
+    node = system.deployment(hard["id"])["node"]
+    use = wait_for(lambda: deployment_usage(system.ctl, [node]).get(hard["id"]), 10, what="the hog's usage")
+    assert 0.1 <= use["cpu"] <= 0.35 and use["memory"] > 0 and use["memory_limit"] == 80
     system.dm("stop", hard["id"])
     system.wait_state(hard["id"], "stopped")
 

@@ -11,20 +11,23 @@ Reports go through an outbox that keeps them while the registry is out of reach.
 When the lease lapses (this node cannot prove it still owns its algorithms) the
 algorithms are killed, and each deployment is reported ``lost`` so it is placed
 again; nothing is started until the lease is renewed.
+
+Each process starts contained (``workers/containment/host.py``): in a cgroup of its own
+(or the fallback's group), under its deployment's uid. The group is the unit: stop, kill
+and fencing take every process in it, its leftovers die when the first process exits, and
+a kill at its memory limit is reported ``out of memory (limit N MiB)``. A process that
+cannot be started at all (E2BIG, a NUL byte, an unpack error) takes its restart policy's
+next step like an exit, and finally ``failed`` with the cause.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import hashlib
 import json
 import logging
 import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -44,12 +47,12 @@ from dm.models import (
     STOPPING,
     RestartPolicy,
 )
-from dm.package import load_spec, unpack
+from dm.package import unpack
 from dm.registry import Doc
-from workers import containment
-from workers.containment import Group, Limits, User, Users
+from workers.containment import Group, User
 from workers.containment import spawn as sp
 from workers.containment.base import CPU_START_GRACE
+from workers.containment.host import MEMORY_CHECK_INTERVAL, Host, describe_start_error
 from workers.containment.usage import Meter
 from workers.outbox import UNREACHABLE, Outbox
 from workers.policy import Outcome, on_exit, on_start_failure
@@ -57,29 +60,12 @@ from workers.watchdog import FENCE_FRACTION, write_state
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 #: seconds between SIGTERM and SIGKILL when stopping an algorithm
 KILL_GRACE = 5.0
 #: seconds between checks that each process still belongs to the current generation
 FENCE_CHECK_INTERVAL = 2.0
 #: seconds before trying again a start that waits for the lease or the registry
 START_RETRY = 0.5
-
-#: seconds between two checks of each group's memory where no kernel enforces it (the fallback)
-MEMORY_CHECK_INTERVAL = 0.25
-#: where algorithms' files live when they run under their own uids (DM_RUN_DIR unset)
-RUN_ROOT = Path("/var/lib/dm/run")
-
-_libc: Any = None
-#: sets PR_SET_PDEATHSIG for the command it execs (util-linux); None: a preexec_fn does it
-SETPRIV = sp.SETPRIV
-
-
-def _die_with_parent() -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -117,23 +103,12 @@ class Supervisor(threading.Thread):
         super().__init__(name=f"dm-supervisor-{node_id}", daemon=True)
         self.ctl = ctl
         self.node_id = node_id
-        settings = ctl.settings
-        self.home = settings.home
+        self.home = ctl.settings.home
         self.logs = self.home / "logs"
-        self.users = Users(settings.uid_range, settings.run_as)
-        self.containment = containment.detect(settings.containment, f"node-{node_id}-{os.getpid()}")
-        self.containment.cleanup_stale()
-        #: as root, the agent is never the OOM killer's choice; its algorithms get a high score
-        self.protected = _protect_self()
-        self.interpreter = sp.interpreter_for_others() if self.users.switches else sys.executable
-        self.run_root = self._run_root()
-        self.cache = self.run_root / "cache"
-        self.work = self.run_root / "work"
-        for path in (self.cache, self.logs, self.work):
-            path.mkdir(parents=True, exist_ok=True)
-        self._specs: dict[Path, Limits] = {}
-        #: groups whose processes did not all die yet: killed again and removed on later ticks
-        self.leftovers: list[Group] = []
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.host = Host(ctl.settings, node_id)
+        self.cache = self.host.cache
+        self.work = self.host.work
         self._next_memory_check = 0.0
         self.meter = Meter(self.groups)
         self._next_usage = 0.0
@@ -151,43 +126,7 @@ class Supervisor(threading.Thread):
         self._fence_lock = threading.Lock()
         self._write_fence()
         self.outbox = Outbox(ctl, node_id)
-        self._announce()
-
-    def _run_root(self) -> Path:
-        """Where work dirs and unpacked packages live: DM_HOME, unless the algorithms run under
-        other uids; then a directory they can pass through (0711, root's) but not list, and
-        DM_HOME (the fleet's credentials, the logs, the fence file) is closed to them (0700)."""
-        if not self.users.switches:
-            return self.home
-        s = self.ctl.settings
-        if s.run_dir:
-            root, made_below = Path(s.run_dir), Path(s.run_dir).parent
-        else:
-            key = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
-            root, made_below = RUN_ROOT / key, RUN_ROOT.parent.parent
-        for d in (root, root / "cache", root / "work"):
-            d.mkdir(parents=True, exist_ok=True)
-            d.chmod(0o711)
-        blocked = sp.traversable(root, made_below)
-        if blocked:
-            log.warning("algorithms under their own uids cannot reach %s: %s is closed to others; set DM_RUN_DIR "
-                        "to a directory others can pass through", root, blocked[0])  # fmt: skip
-        self.home.chmod(0o700)
-        return root
-
-    def _announce(self) -> None:
-        """Say at start how this node holds its algorithms, in the log and in its records."""
-        mode, users = self.containment.mode, self.users.describe()
-        if isinstance(self.containment, containment.Fallback):
-            log.warning("node-%s cannot use cgroups (%s): it falls back to prlimit and an rss watchdog (memory "
-                        "checked every %gs, no cpu limit)", self.node_id, self.containment.note,
-                        MEMORY_CHECK_INTERVAL)  # fmt: skip
-        log.warning("node-%s containment: %s; algorithms run as %s", self.node_id, mode, users)
-        try:
-            self.ctl.redis.hset(k.NODE.format(self.node_id), mapping={"containment": mode, "run_as": users})
-            self.ctl.registry.upsert_node(self.node_id, containment=mode, run_as=users)
-        except Exception as exc:  # the stores are retried by the agent; this is only a label
-            log.warning("node-%s could not record its containment: %s", self.node_id, exc)
+        self.host.announce(ctl)
 
     # -- called from other threads ------------------------------------------------
 
@@ -237,7 +176,7 @@ class Supervisor(threading.Thread):
     def _write_fence(self) -> None:
         procs = list(self.procs.values())
         now_ = [p for p in procs if not keep_for(p)]
-        pgids, cgroups, uids = self._fence_set(now_, list(self.leftovers))
+        pgids, cgroups, uids = self._fence_set(now_, list(self.host.leftovers))
         held = []
         for p in procs:
             if keep_for(p):
@@ -311,9 +250,8 @@ class Supervisor(threading.Thread):
                 time.sleep(0.02)
             self.outbox.retry_at = 0.0  # one last try at what is kept
             self.outbox.flush()
-            self._sweep_leftovers()
-            if not self.procs and not self.leftovers:
-                self.containment.close()
+            if not self.procs:
+                self.host.close()
             self.stopped.set()
             arg.put(payloads)
 
@@ -370,58 +308,12 @@ class Supervisor(threading.Thread):
 
     def _spawn(self, proc: Proc, log_path: Path) -> subprocess.Popen[bytes]:
         """Start the process in a new group, as its user; raises what stops it from starting."""
-        p = proc.payload
         if proc.package is None:  # its unpack failed before: try again (a restart)
-            proc.package = self.ensure_package(p["sha256"])
-        limits = self._limits(proc.package)
-        proc.user = self.users.acquire(proc.dep_id)
-        workdir = self.work / proc.dep_id
-        sp.own_workdir(workdir, proc.user)
-        env = sp.algorithm_env(os.environ, {
-            **(p.get("env") or {}),
-            "DM_ARGS": json.dumps(p.get("args") or {}),
-            "DM_DEPLOYMENT_ID": proc.dep_id,
-            "DM_GENERATION": str(proc.generation),
-            "DM_NODE_ID": self.node_id,
-            "DM_PACKAGE_DIR": str(proc.package),
-            "PYTHONUNBUFFERED": "1",
-        }, proc.user, workdir)  # fmt: skip
-        own_uid = proc.user.uid if proc.user is not None and proc.user.own else None
-        proc.group = self.containment.create(f"{proc.dep_id}.{proc.generation}.{proc.restarts}", limits, own_uid)
-        cmd = sp.argv(sp.command_line(p["command"], proc.package, self.interpreter), proc.group, proc.user,
-                      self.protected)  # fmt: skip
-        with open(log_path, "ab") as out:
-            header = f"--- dm: gen {proc.generation} restart {proc.restarts} on node-{self.node_id} at {time.ctime()}\n"
-            out.write(header.encode())
-            out.flush()
-            popen = proc.popen = subprocess.Popen(
-                cmd,
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # a preexec_fn makes Python fork the whole agent instead of using vfork/posix_spawn
-                # (7-11 ms a start against under 1 ms): util-linux's setpriv sets the same death
-                # signal and then execs the command in the same pid and session
-                preexec_fn=None if SETPRIV else _die_with_parent,
-            )
-        proc.group.adopt(popen.pid)
+            proc.package = self.ensure_package(proc.payload["sha256"])
+        popen, proc.group, proc.user = self.host.launch(proc.payload, proc.package, proc.restarts, log_path)
+        proc.popen = popen
         proc.hold_cpu_at = time.monotonic() + CPU_START_GRACE
-        if self.protected and not proc.group.join_files():  # no shell step to set it before the exec
-            _set_oom_score(popen.pid, sp.ALGORITHM_OOM_SCORE_ADJ)
         return popen
-
-    def _limits(self, package: Path) -> Limits:
-        """What the package's algorithm.toml declares, with its [limits] (read once a package)."""
-        limits = self._specs.get(package)
-        if limits is None:
-            spec = load_spec(package)
-            s = self.ctl.settings
-            limits = Limits.of(spec.demand.cpu, spec.demand.memory, spec.limits, s.memory_headroom, s.pids_limit)
-            self._specs[package] = limits
-        return limits
 
     def _start_failed(self, proc: Proc, reason: str, current: Doc | None = None) -> None:
         """A process that could not be started: the restart policy's next step, finally ``failed``."""
@@ -510,8 +402,8 @@ class Supervisor(threading.Thread):
         if now >= self._next_fence_check:
             self._next_fence_check = now + FENCE_CHECK_INTERVAL
             self._check_ownership()
-            if self.leftovers:
-                self._sweep_leftovers()
+            if self.host.leftovers:
+                self.host.sweep()
 
     def _check_memory(self) -> None:
         """Where no kernel holds a group to its memory limit (the fallback), kill it past it."""
@@ -541,21 +433,8 @@ class Supervisor(threading.Thread):
             log.debug("usage not published: %s", exc)
 
     def _release(self, proc: Proc) -> None:
-        """Kill what is left of the process's group, remove it, and give back its user."""
         group, proc.group = proc.group, None
-        if group is not None:
-            group.kill()
-            if not group.remove():
-                self.leftovers.append(group)
-            self.containment.removed(group)
-        self.users.release(proc.dep_id)
-        sp.lock_workdir(self.work / proc.dep_id)
-
-    def _sweep_leftovers(self) -> None:
-        for group in list(self.leftovers):
-            group.kill()
-            if group.remove():
-                self.leftovers.remove(group)
+        self.host.release(proc.dep_id, group)
 
     def _exited(self, proc: Proc) -> None:
         code = proc.popen.returncode if proc.popen is not None else None
@@ -636,36 +515,6 @@ def keep_for(proc: Proc) -> float:
 def command_line(command: list[str], package: Path) -> list[str]:
     """The command with ``python`` as this interpreter and package files as absolute paths."""
     return sp.command_line(command, package)
-
-
-def describe_start_error(exc: BaseException) -> str:
-    """What stopped a process from starting, for its deployment's reason."""
-    if isinstance(exc, OSError) and exc.errno == errno.E2BIG:
-        return "its args and environment are too large for the system (E2BIG): pass less in args"
-    if isinstance(exc, ValueError) and "null" in str(exc):
-        return f"a NUL byte in its command or environment ({exc})"
-    if isinstance(exc, OSError) and exc.errno is not None:
-        code = errno.errorcode.get(exc.errno, str(exc.errno))
-        name = str(exc.filename or "")
-        where = f": {name if len(name) <= 80 else '...' + name[-60:]}" if name else ""
-        return f"{exc.strerror} ({code}){where}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _protect_self() -> bool:
-    """As root: make the agent the OOM killer's last choice (-1000). True when done."""
-    if os.geteuid() != 0:
-        return False
-    return _set_oom_score(os.getpid(), -1000)
-
-
-def _set_oom_score(pid: int, score: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
-            f.write(str(score))
-    except OSError:
-        return False
-    return True
 
 
 def _signal_group(pid: int, sig: int) -> None:

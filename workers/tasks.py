@@ -70,7 +70,7 @@ def run(payload: dict[str, Any]) -> str:
         )
         raise
     except OSError as exc:  # a name too long for the file system, a full disk...: the restart policy decides
-        from workers.supervisor import describe_start_error
+        from workers.containment.host import describe_start_error
 
         reason = f"cannot unpack the package on node-{sup.node_id}: {describe_start_error(exc)}"
         sup.start_deployment(payload, None, failure=reason)

@@ -10,10 +10,12 @@ command, all in one pid. No ``preexec_fn``: that would make Python fork the whol
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import sys
 from collections.abc import Mapping
@@ -33,6 +35,17 @@ ALGORITHM_OOM_SCORE_ADJ = 500
 _SECRET_URL = re.compile(r"\w+://[^/\s:@]*:[^/\s@]+@")
 #: the agent's variables, never passed to an algorithm
 _AGENT_PREFIXES = ("DM_", "CELERY_")
+
+
+_libc: Any = None
+
+
+def die_with_parent() -> None:
+    """PR_SET_PDEATHSIG in the child, where util-linux's setpriv is missing (a preexec_fn)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    _libc.prctl(1, signal.SIGKILL)
 
 
 def algorithm_env(
