@@ -290,13 +290,22 @@ def cmd_nodes(a: argparse.Namespace) -> int:
 
 def cmd_deployments(a: argparse.Namespace) -> int:
     from dm.deployer import public
+    from dm.status import deployment_usage
 
+    ctl = _control()
     states = a.state.split(",") if a.state else None
-    rows = [public(d) for d in _control().registry.list_deployments(states, node=a.node, limit=a.limit)]
+    rows = [public(d) for d in ctl.registry.list_deployments(states, node=a.node, limit=a.limit)]
+    # what each uses now, as its node measured it (containment: its cgroup)
+    usage = deployment_usage(ctl, sorted({str(r["node"]) for r in rows if r.get("node")}))
+    for row in rows:
+        used = usage.get(row["id"]) if row["state"] in ("running", "restarting") else None
+        row["cpu_used"] = round(float(used["cpu"]), 3) if used else None
+        row["memory_used"] = round(float(used["memory"]), 1) if used else None
     if a.json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "algorithm", "version", "state", "node", "generation", "restarts", "reason"])
+        _table(rows, ["id", "algorithm", "version", "state", "node", "generation", "restarts", "cpu_used",
+                      "memory_used", "reason"])  # fmt: skip
     return EXIT_OK
 
 

@@ -44,7 +44,7 @@ from dm.errors import DMError
 from dm.models import FINAL_STATES, LOST, PENDING, RESTARTING, RUNNING, SCHEDULED, STATES
 from dm.registry import EventCursor, Registry
 from dm.settings import Settings
-from dm.status import node_rows  # the rows `dm status` shows, with the lease rule
+from dm.status import deployment_usage, node_rows  # the rows `dm status` shows, with the lease rule
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,14 @@ class DMCollector:
         counts = self.ctl.registry.count_by_state()
         for name in sorted({*STATES, *counts}):
             deployments.add_metric([name], counts.get(name, 0))
-        families: list[Metric] = [state, *gauges.values(), refused, nodes, deployments]
+        used_cpu = GaugeMetricFamily("dm_deployment_cpu_cores", "Cores a deployment uses now (its cgroup)",
+                                     labels=["deployment"])  # fmt: skip
+        used_mem = GaugeMetricFamily("dm_deployment_memory_mib", "MiB a deployment uses now (its cgroup)",
+                                     labels=["deployment"])  # fmt: skip
+        for dep_id, used in deployment_usage(self.ctl, [str(row["id"]) for row in rows]).items():  # one round trip
+            used_cpu.add_metric([dep_id], float(used.get("cpu") or 0.0))
+            used_mem.add_metric([dep_id], float(used.get("memory") or 0.0))
+        families: list[Metric] = [state, *gauges.values(), refused, nodes, deployments, used_cpu, used_mem]
         last = self.ctl.redis.get(HEARTBEAT_LAST_KEY)
         if last is not None:
             help_ = "Seconds since the last completed heartbeat check"
