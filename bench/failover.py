@@ -39,7 +39,7 @@ COUNT = 20
 
 def trial(stack: EmbeddedStack, home: Path, **settings: object) -> tuple[float, float, int]:
     """One kill; returns (seconds to dead, seconds to all running elsewhere, duplicates)."""
-    system = System(stack.redis_url, stack.mongo_url, home, **settings)
+    system = System(stack.redis_url, stack.mongo_url, home, uid_range="off", **settings)  # ledgers in 0700 dirs
     try:
         system.start(nodes=1)
         package = home / "svc"
@@ -86,7 +86,7 @@ def frozen_trial(stack: EmbeddedStack, home: Path) -> tuple[float, int, bool]:
     """SIGSTOP of a node agent running 6 services (a frozen host): seconds until all run on the
     other node, duplicates, and whether every copy died on the frozen node before any started
     elsewhere (the ledger)."""
-    system = System(stack.redis_url, stack.mongo_url, home)
+    system = System(stack.redis_url, stack.mongo_url, home, uid_range="off")
     pid = 0
     try:
         system.start(nodes=1)
@@ -123,7 +123,7 @@ def outage_trial(home: Path, mongo_url: str, kind: str) -> int:
     from dm import keys as k
 
     redis = [embedded.start_redis(home / "redis")]
-    system = System(redis[0].url, mongo_url, home / "home")
+    system = System(redis[0].url, mongo_url, home / "home", uid_range="off")
     try:
         system.start(nodes=3)
         system.add_examples("service")
