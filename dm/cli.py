@@ -101,9 +101,13 @@ def cmd_down(a: argparse.Namespace) -> int:
 
 
 def cmd_node(a: argparse.Namespace) -> int:
+    rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
+    if any(arg == "--hollow" or arg.startswith("--hollow=") for arg in rest):
+        from workers import hollow  # N simulated nodes in this process (for scale tests)
+
+        return hollow.main(rest)
     from workers.agent import main
 
-    rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
     return main(rest)
 
 
