@@ -1,12 +1,16 @@
-"""What `dm status`, `dm nodes`, `dm watch` and the metrics show of the nodes: one source,
-with the lease rule applied (a node whose lease expired is dead, whatever the registry says yet)."""
+"""What `dm status`, `dm nodes`, `dm deployments`, `dm watch` and the metrics show: the nodes
+from one source, with the lease rule applied (a node whose lease expired is dead, whatever the
+registry says yet); deployments and events read by index, never by scanning them all."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dm import balancer, fleet
 from dm.control import Control
+from dm.models import STATES
+from dm.registry import Doc
 
 
 def node_rows(ctl: Control) -> list[dict[str, Any]]:
@@ -41,3 +45,112 @@ def node_rows(ctl: Control) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+# -- deployments and events, read by index ------------------------------------------------
+
+#: the first window of a newest-first listing, in seconds back from now; each next one is
+#: WINDOW_GROWTH times longer, and past WINDOW_LAST the rest is read in one go
+WINDOW_FIRST = 60.0
+WINDOW_GROWTH = 8.0
+WINDOW_LAST = 200 * 86400.0
+#: rows of ``dm deployments`` by default
+DEFAULT_LIMIT = 50
+
+
+def deployment_counts(ctl: Control) -> dict[str, int]:
+    """Deployments per state: one count per state on the (state, created_at) index, instead
+    of a group over every deployment. States with none are left out."""
+    counts = {}
+    for state in STATES:
+        n = ctl.registry.deployments.count_documents({"state": state})
+        if n:
+            counts[state] = n
+    return counts
+
+
+def recent_events(ctl: Control, limit: int = 10) -> list[Doc]:
+    """The last ``limit`` events, oldest first: a range of their numbers (the ``_id``, up to
+    the relay's mark) rather than a sort of every event. Numbers may have gaps (an event
+    stored twice keeps one), so the range widens until it holds enough."""
+    registry = ctl.registry
+    mark = registry.events_mark()
+    if mark <= 0 or limit <= 0:
+        return []
+    span = limit
+    while True:
+        low = max(0, mark - span)
+        rows = list(registry.events.find({"_id": {"$gt": low, "$lte": mark}}).sort("_id", 1))
+        if len(rows) >= limit or low == 0:
+            return rows[-limit:]
+        span *= 4
+
+
+def list_deployments(
+    ctl: Control,
+    *,
+    states: list[str] | None = None,
+    node: str | None = None,
+    algorithm: str | None = None,
+    service: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    before: float | None = None,
+) -> list[Doc]:
+    """Deployments newest first (by ``created_at``), at most ``limit`` (0: all), created before
+    ``before`` if given (the next page starts at the last row's ``created_at``).
+
+    Every read is bounded by an index: a node's deployments by (node, state); otherwise one
+    filter (service, else algorithm, else each state, else none) drives reads of windows of
+    ``created_at`` on its (field, created_at) index, each window further back and longer,
+    until the page is full. The registry (SecantusDB) reads every document a query matches
+    before it applies a limit, so a window, not a limit, is what keeps a page's cost the
+    size of the page. The other filters are applied to what the windows return.
+    """
+    deployments = ctl.registry.deployments
+    wanted: Doc = {}
+    if states:
+        wanted["state"] = set(states)
+    for name, value in (("node", node), ("algorithm", algorithm), ("service", service)):
+        if value is not None:
+            wanted[name] = {value}
+
+    def keep(doc: Doc) -> bool:
+        if before is not None and float(doc.get("created_at") or 0) >= before:
+            return False
+        return all(doc.get(name) in values for name, values in wanted.items())
+
+    def newest_first(docs: list[Doc]) -> list[Doc]:
+        rows = sorted((d for d in docs if keep(d)), key=lambda d: (-float(d.get("created_at") or 0), d["_id"]))
+        return rows[:limit] if limit else rows
+
+    projection = {"history": 0}
+    if node is not None:  # a node holds a bounded number: read them all by (node, state)
+        query: Doc = {"node": node, **({"state": {"$in": list(states)}} if states else {})}
+        return newest_first(list(deployments.find(query, projection)))
+    if limit <= 0:  # everything asked for (--all): one read, whatever it costs
+        return newest_first(list(deployments.find({}, projection)))
+    if service is not None:
+        drivers: list[Doc] = [{"service": service}]
+    elif algorithm is not None:
+        drivers = [{"algorithm": algorithm}]
+    elif states:
+        drivers = [{"state": state} for state in states]  # each an equality: $in defeats the range
+    else:
+        drivers = [{}]
+    top = before if before is not None else None
+    now = time.time() if before is None else before
+    found: list[Doc] = []
+    window = WINDOW_FIRST
+    while True:
+        low = now - window if window <= WINDOW_LAST else None
+        span: Doc = {}
+        if low is not None:
+            span["$gte"] = low
+        if top is not None:
+            span["$lt"] = top
+        for driver in drivers:
+            query = {**driver, **({"created_at": span} if span else {})}
+            found += [d for d in deployments.find(query, projection) if keep(d)]
+        if len(found) >= limit or low is None:
+            return newest_first(found)
+        top, window = low, window * WINDOW_GROWTH
