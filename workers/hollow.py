@@ -309,10 +309,10 @@ class Worker(threading.Thread):
         copy = node.copies.get(dep_id)
         if copy is not None and copy.generation != generation:
             return
-        if copy is not None:
-            self._drop(node, copy)
         # a process stopped by SIGTERM reports -15; one already gone, nothing
         code = -signal.SIGTERM if copy is not None and copy.running else None
+        if copy is not None:
+            self._drop(node, copy)
         node.outbox.send(dep_id, STOPPED, expect=[STOPPING], generation=generation,
                          reason="stopped" if copy is not None else reason, exit_code=code)  # fmt: skip
 
