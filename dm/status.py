@@ -70,9 +70,11 @@ def deployment_counts(ctl: Control) -> dict[str, int]:
 
 
 def recent_events(ctl: Control, limit: int = 10) -> list[Doc]:
-    """The last ``limit`` events, oldest first: a range of their numbers (the ``_id``, up to
-    the relay's mark) rather than a sort of every event. Numbers may have gaps (an event
-    stored twice keeps one), so the range widens until it holds enough."""
+    """The last ``limit`` events, oldest first: the numbers (the ``_id``) up to the relay's mark,
+    looked up one by one (``$in``) rather than a sort of every event. Not an ``_id`` range:
+    SecantusDB scans the collection for one (336 ms at 30,000 events, against 0.8 ms for
+    the same ids as ``$in``). Numbers may have gaps (an event stored twice keeps one), so
+    the span widens until it holds enough."""
     registry = ctl.registry
     mark = registry.events_mark()
     if mark <= 0 or limit <= 0:
@@ -80,7 +82,7 @@ def recent_events(ctl: Control, limit: int = 10) -> list[Doc]:
     span = limit
     while True:
         low = max(0, mark - span)
-        rows = list(registry.events.find({"_id": {"$gt": low, "$lte": mark}}).sort("_id", 1))
+        rows = sorted(registry.events.find({"_id": {"$in": list(range(low + 1, mark + 1))}}), key=lambda e: e["_id"])
         if len(rows) >= limit or low == 0:
             return rows[-limit:]
         span *= 4

@@ -401,8 +401,12 @@ class Worker(threading.Thread):
 class HollowFleet:
     """N hollow nodes and the few threads they share."""
 
-    def __init__(self, settings: Settings, *, cpus: float, memory: float, threads: int = 4) -> None:
+    def __init__(
+        self, settings: Settings, *, cpus: float, memory: float, threads: int = 4, pid: int | None = None
+    ) -> None:
         self.settings = settings
+        #: the pid the nodes record (whoever stops nodes by pid stops this process); default this one
+        self.pid = os.getpid() if pid is None else pid
         self.ctl = Control(settings)
         self.cpus = cpus
         self.memory = memory
@@ -440,7 +444,7 @@ class HollowFleet:
                                 host=self.host, address=self.address)  # fmt: skip
             registry.upsert_node(
                 node_id, state=node_manager.STARTING, host=self.host, address=self.address, cpus=self.cpus,
-                memory=self.memory, pid=os.getpid(), provider="static", host_wide=False, hollow=True,
+                memory=self.memory, pid=self.pid or None, provider="static", host_wide=False, hollow=True,
             )  # fmt: skip
             worker = len(self.nodes) % len(self.workers)
             node = Node(node_id, self.cpus, self.memory, Outbox(self.ctl, node_id), worker)
