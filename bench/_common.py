@@ -260,7 +260,7 @@ no Kafka) in a temp dir, uses a fresh database, measures a baseline in the same 
 and stops every process it started by its PID.
 """
 #: the order of the sections on the page
-SECTIONS = ("deploy_latency", "placement", "node_idle", "failover", "bridge")
+SECTIONS = ("deploy_latency", "placement", "node_idle", "failover", "bridge", "scale")
 
 
 def write_section(name: str, title: str, body: str) -> Path:
