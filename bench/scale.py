@@ -16,7 +16,9 @@ heartbeat check itself every 0.5 s (``dm.heartbeat.check``, timed). Then:
   the last result) and deploy -> running p50 / p99 (send until the ``running`` event);
 - failover: the victim with 50 deployments killed (its presence connection and lease stop,
   as ``kill -9``; through ``dm:hollow:kill``): seconds from the kill until it is dead in
-  the registry, and until all its deployments run elsewhere; then the one with 500;
+  the registry, and until all its deployments run elsewhere; then the one with 500; then
+  a tenth of the nodes at once;
+- the heartbeat passes during the burst (p50 / p99);
 - the control worker's RSS, Redis memory, the registry's size.
 
 Each row is shown beside the N=50 row of the same run (same D). Goals are those of issue
@@ -153,25 +155,53 @@ def timed(fn: Any, runs: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def failover(ctl: Any, victim: str, dep_ids: list[str], timeout: float = 120.0) -> dict[str, float]:
-    """Kill one hollow node; seconds until it is dead and until all its deployments run elsewhere."""
+def failover(ctl: Any, victims: list[str], timeout: float = 180.0) -> dict[str, float]:
+    """Kill hollow nodes at once; seconds until all are dead in the registry and until all
+    their deployments run elsewhere."""
     from workers.hollow import KILL_KEY
 
+    dep_ids = [d["_id"] for d in ctl.registry.deployments.find(
+        {"node": {"$in": victims}, "state": "running"}, {"_id": 1})]  # fmt: skip
     killed = time.monotonic()
-    ctl.redis.sadd(KILL_KEY, victim)
+    ctl.redis.sadd(KILL_KEY, *victims)
     dead_at = moved_at = None
     while moved_at is None and time.monotonic() - killed < timeout:
         now = time.monotonic()
-        if dead_at is None and (ctl.registry.get_node(victim) or {}).get("state") == "dead":
+        if dead_at is None and ctl.registry.nodes.count_documents({"_id": {"$in": victims}, "state": "dead"}) == len(
+            victims
+        ):
             dead_at = now
-        if dead_at is not None:
-            docs = ctl.registry.deployments.find({"_id": {"$in": dep_ids}}, {"state": 1, "node": 1})
-            if sum(d["state"] == "running" and d["node"] != victim for d in docs) == len(dep_ids):
-                moved_at = now
-        time.sleep(0.05)
+        # a count, 5 times a second: reading the documents themselves slowed the failover down
+        query = {"_id": {"$in": dep_ids}, "state": "running", "node": {"$nin": victims}}
+        if dead_at is not None and ctl.registry.deployments.count_documents(query) == len(dep_ids):
+            moved_at = now
+        time.sleep(0.2)
     if dead_at is None or moved_at is None:
-        raise RuntimeError(f"node-{victim}'s {len(dep_ids)} deployments did not all run elsewhere in {timeout:g}s")
-    return {"dead_s": dead_at - killed, "all_running_s": moved_at - killed, "after_dead_s": moved_at - dead_at}
+        raise RuntimeError(f"the {len(dep_ids)} deployments of {len(victims)} node(s) did not run elsewhere in time")
+    return {"dead_s": dead_at - killed, "all_running_s": moved_at - killed, "after_dead_s": moved_at - dead_at,
+            "moved": len(dep_ids), "nodes": len(victims)}  # fmt: skip
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process (and its children, but for this one's) has used so far."""
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        try:
+            kids = psutil.Process(pid).children(recursive=True) if pid != os.getpid() else []
+            procs = [psutil.Process(pid), *kids]
+        except psutil.Error:
+            continue
+        total = 0.0
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        out[name] = total
+    return out
 
 
 def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]:
@@ -234,6 +264,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         from dm.tasks import deploy
 
         deploy.delay(ALGORITHM).get(timeout=60)  # warm: connections, caches
+        burst_from = len(beat.passes)
         sent: list[tuple[float, Any]] = []
         t0 = time.time()
         for _ in range(burst):
@@ -248,6 +279,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
             "the burst running",
             0.5,
         )
+        burst_passes = beat.passes[burst_from:]
         runs = {}
         for doc in ctl.registry.deployments.find({"_id": {"$in": dep_ids}}, {"history": 1}):
             runs[doc["_id"]] = min(e["time"] for e in doc["history"] if e["state"] == "running")
@@ -255,14 +287,21 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         row["run_p50_ms"] = round(percentile(latency, 50) * 1000, 1)
         row["run_p99_ms"] = round(percentile(latency, 99) * 1000, 1)
 
+        pids = {server.name: server.pid for server in h.stack.servers}
+        pids |= {"control worker": control.pid, "hollow": hollow.pid, "benchmark (heartbeat, polling)": os.getpid()}
         for victim, count in zip(victims, VICTIMS, strict=False):
-            on_it = [d["_id"] for d in ctl.registry.deployments.find({"node": victim, "state": "running"}, {"_id": 1})]
-            figures = failover(ctl, victim, on_it)
-            row[f"failover{count}"] = {k: round(v, 2) for k, v in figures.items()} | {"moved": len(on_it)}
+            before = cpu_seconds(pids)
+            figures = failover(ctl, [victim])
+            after = cpu_seconds(pids)
+            row[f"failover{count}"] = {k: round(v, 2) for k, v in figures.items()}
+            # where the time of the failover went: each process's cpu seconds meanwhile
+            row[f"failover{count}"]["cpu_s"] = {k: round(after[k] - before[k], 1) for k in after if k in before}
+        # a tenth of the nodes at once (not the victims, which are dead already)
+        tenth = others[-max(1, nodes // 10) :]
+        row["failover_tenth"] = {k: round(v, 2) for k, v in failover(ctl, tenth).items()}
 
-        beat_passes = beat.passes[:]
-        row["busy_pass_p50_ms"] = round(percentile(beat_passes, 50) * 1000, 1) if beat_passes else None
-        row["busy_pass_p99_ms"] = round(percentile(beat_passes, 99) * 1000, 1) if beat_passes else None
+        row["burst_pass_p50_ms"] = round(percentile(burst_passes, 50) * 1000, 1) if burst_passes else None
+        row["burst_pass_p99_ms"] = round(percentile(burst_passes, 99) * 1000, 1) if burst_passes else None
         row["beat_errors"] = beat.errors
         row["control_rss_mib"] = round(psutil.Process(control.pid).memory_info().rss / 2**20, 1)
         row["hollow_rss_mib"] = round(psutil.Process(hollow.pid).memory_info().rss / 2**20, 1)
@@ -287,26 +326,31 @@ def report(rows: list[dict[str, Any]]) -> str:
             return f"{value}"
         return f"{value} ({value / b[key]:.2f}x)"
 
-    def fo(row: dict[str, Any], count: int) -> str:
-        f = row.get(f"failover{count}")
-        return f"{f['all_running_s']:.2f} s ({f['after_dead_s']:.2f} after dead)" if f else "-"
+    def fo(row: dict[str, Any], key: str) -> str:
+        f = row.get(key)
+        if not f:
+            return "-"
+        what = f"{f['nodes']} nodes, {f['moved']} deployments: " if key == "failover_tenth" else ""
+        return f"{what}{f['all_running_s']:.2f} s ({f['after_dead_s']:.2f} after dead)"
 
-    header = ["N / D", "quiet pass p50 / p99 ms", "busy pass p99 ms", "deploys/s", "deploy->running p50 / p99 ms",
-              "failover 50", "failover 500", "dm status s (fn)", "dm deployments s (fn)", "control RSS MiB",
-              "Redis MiB", "registry MiB"]  # fmt: skip
+    header = ["N / D", "quiet pass p50 / p99 ms", "pass in burst p99 ms", "deploys/s", "deploy->running p50 / p99 ms",
+              "failover 50", "failover 500", "10% of nodes at once", "dm status s (fn)", "dm deployments s (fn)",
+              "control RSS MiB", "hollow RSS MiB", "Redis MiB", "registry MiB"]  # fmt: skip
     lines = []
     for r in rows:
         lines.append([
             f"{r['nodes']} / {r['deployments']}",
             f"{rel(r, 'pass_p50_ms')} / {rel(r, 'pass_p99_ms')}",
-            rel(r, "busy_pass_p99_ms"),
+            rel(r, "burst_pass_p99_ms"),
             rel(r, "deploys_per_s"),
             f"{rel(r, 'run_p50_ms')} / {r['run_p99_ms']}",
-            fo(r, 50),
-            fo(r, 500),
+            fo(r, "failover50"),
+            fo(r, "failover500"),
+            fo(r, "failover_tenth"),
             f"{r['status_cli_s']:.2f} ({r['status_fn_s']:.3f})",
             f"{r['deployments_cli_s']:.2f} ({r['deployments_fn_s']:.3f})",
             r["control_rss_mib"],
+            r["hollow_rss_mib"],
             r["redis_mib"],
             r["registry_mib"],
         ])  # fmt: skip
@@ -315,18 +359,30 @@ def report(rows: list[dict[str, Any]]) -> str:
     for r in big:
         b = base.get(r["deployments"])
         fo500 = r.get("failover500")
+        tenth = r["failover_tenth"]
         goals += [
             f"- N={r['nodes']}, D={r['deployments']}: reconciler pass p99 <= 50 ms: "
-            f"**{verdict(r['pass_p99_ms'] <= 50)}** ({r['pass_p99_ms']} ms quiet, {r['busy_pass_p99_ms']} ms busy)",
+            f"**{verdict(r['pass_p99_ms'] <= 50)}** ({r['pass_p99_ms']} ms quiet, "
+            f"{r['burst_pass_p99_ms']} ms in the burst)",
             f"- deploys/s >= 80% of N=50: **{verdict(bool(b) and r['deploys_per_s'] >= 0.8 * b['deploys_per_s'])}**"
             f" ({r['deploys_per_s']} against {b['deploys_per_s'] if b else '-'})",
             f"- failover of 500 <= 3 s after seen dead: **{verdict(bool(fo500) and fo500['after_dead_s'] <= 3)}** "
             f"({fo500['after_dead_s'] if fo500 else '-'} s)",
+            f"- a tenth of the nodes killed at once ({tenth['nodes']} nodes, {tenth['moved']} deployments; the goal "
+            f"is for 5,000), all running elsewhere <= 30 s: **{verdict(tenth['all_running_s'] <= 30)}** "
+            f"({tenth['all_running_s']:.2f} s); duplicates: not measurable with hollow nodes (they run no "
+            "process), the compare-and-set fence is tested with real ones (tests/test_heartbeat.py)",
             f"- dm status <= 0.5 s: **{verdict(r['status_cli_s'] <= 0.5)}** ({r['status_cli_s']:.2f} s as a command, "
             f"{r['status_fn_s']:.3f} s of it reading); dm deployments first page <= 0.3 s: "
             f"**{verdict(r['deployments_cli_s'] <= 0.3)}** ({r['deployments_cli_s']:.2f} s, "
             f"{r['deployments_fn_s']:.3f} s reading)",
         ]
+    cpu = []
+    for r in rows:
+        f = r.get("failover500")
+        if f and f.get("cpu_s"):
+            spent = ", ".join(f"{k} {v:g}" for k, v in sorted(f["cpu_s"].items(), key=lambda kv: -kv[1]))
+            cpu.append(f"- N={r['nodes']}, D={r['deployments']}: {f['all_running_s']:.1f} s of wall time; {spent}")
     return (
         "Hollow nodes (`dm node --hollow N`, 16 cores / 64 GiB each) and D background deployments recorded "
         "`running` in bulk; a real control worker; the heartbeat check run and timed in the benchmark "
@@ -335,6 +391,8 @@ def report(rows: list[dict[str, Any]]) -> str:
         "deployments run elsewhere. `dm status` / `dm deployments`: a new process each (the interpreter's "
         "start included), and in brackets the reading functions alone.\n\n"
         + table(header, lines)
+        + "\n\nCPU seconds each process used during the failover of 500 (two cores: at most twice the wall time):\n\n"
+        + "\n".join(cpu)
         + "\n\nGoals of issue 14 (set for N=1000, D=50,000), at the largest N of this run:\n\n"
         + "\n".join(goals)
         + "\n"
