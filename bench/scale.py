@@ -399,8 +399,15 @@ def report(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _stop(signum: int, _frame: Any) -> None:
+    raise SystemExit(f"stopped by signal {signum}")  # unwinds the harness: every process stopped by PID
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # also when started in the background (where SIGINT is ignored) or sent SIGTERM
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     rows = []
     for d in [int(x) for x in args.deployments.split(",")]:
         for n in sorted({50, *[int(x) for x in args.nodes.split(",")]}):

@@ -14,15 +14,14 @@ from dm.registry import Doc
 
 
 def node_rows(ctl: Control) -> list[dict[str, Any]]:
-    s = ctl.settings
+    # the node hashes carry the running totals of their allocations: no placement snapshot
+    # (a script that reads every node while Redis serves no one else) is needed to show them
     hashes = fleet.node_hashes(ctl.redis)
-    views = {v.id: v for v in fleet.snapshot(ctl.redis, s.reservation_settle)}
     leases = fleet.leases(ctl.redis, hashes)
     rows = []
     for doc in ctl.registry.list_nodes():
         node_id = doc["_id"]
         h = hashes.get(node_id, {})
-        view = views.get(node_id)
         cpu, ram = float(h.get("cpu", 0.0)), float(h.get("ram", 0.0))
         state = h.get("state") or doc.get("state")
         if state in ("up", "starting") and not leases.get(node_id) and "ts" in h:
@@ -39,8 +38,8 @@ def node_rows(ctl: Control) -> list[dict[str, Any]]:
                 "cpu": round(cpu, 1),
                 "ram": round(ram, 1),
                 "load": round(balancer.load(cpu, ram), 1),
-                "deployments": view.deployments if view else 0,
-                "committed_cpu": round(view.committed_cpu, 2) if view else 0.0,
+                "deployments": int(h.get("alloc_n") or 0),
+                "committed_cpu": round(max(0.0, float(h.get("alloc_cpu") or 0.0)), 2),
                 "pid": doc.get("pid"),
             }
         )

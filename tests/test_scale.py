@@ -331,3 +331,44 @@ def test_every_query_the_code_makes_is_served_by_an_index(make_system: Any, tmp_
     # the ones that matter most were seen (the scenario exercises them)
     assert any("scheduled_at" in s for s in checked), checked
     assert any(s.startswith("aggregate deployments") and "state" in s for s in checked), checked
+
+
+def test_dm_deployments_pages_newest_first_with_filters(make_system: Any, tmp_path: Path) -> None:
+    """`dm deployments`: the newest first, a page at a time, filtered; through the windows of
+    created_at it reads (seconds old to years old), to the same answer as reading them all."""
+    system = make_system(nodes=0, control=False, beat=False)
+    registry = system.ctl.registry
+    add_algorithm(registry, tmp_path)
+    add_algorithm(registry, tmp_path, name="other")
+    now = time.time()
+    ages = [1, 5, 30, 200, 4000, 90_000, 3e6, 5e7, 4e8]  # one in each window, and past the last
+    docs = []
+    for i, age in enumerate(ages):
+        name = ALGORITHM if i % 2 == 0 else "other"
+        doc = registry.new_deployment(DeployRequest(algorithm=name), system.ctl.algorithm(name), node=str(i % 3))
+        doc.update(created_at=now - age, state="running" if i % 3 else "failed", service="web" if i < 4 else None)
+        docs.append(doc)
+    registry.deployments.insert_many(docs)
+    newest = [d["_id"] for d in docs]  # made newest first
+
+    def listed(*args: str) -> list[str]:
+        out = system.dm("deployments", "--json", *args)
+        assert out.returncode == 0, out.stderr
+        return [row["id"] for row in json.loads(out.stdout)]
+
+    assert listed() == newest
+    assert listed("--limit", "3") == newest[:3]
+    last = registry.get_deployment(newest[2])["created_at"]
+    assert listed("--limit", "3", "--before", repr(last)) == newest[3:6]
+    assert listed("--all") == newest
+    assert listed("--state", "failed") == [d["_id"] for d in docs if d["state"] == "failed"]
+    assert listed("--state", "failed,running", "--limit", "4") == newest[:4]
+    assert listed("--node", "1") == [d["_id"] for d in docs if d["node"] == "1"]
+    assert listed("--algorithm", "other", "--state", "running") == [
+        d["_id"] for d in docs if d["algorithm"] == "other" and d["state"] == "running"
+    ]
+    assert listed("--service", "web", "--limit", "2") == newest[:2]
+    bad = system.dm("deployments", "--limit", "0")
+    assert bad.returncode == 1 and "--all lists every deployment" in bad.stderr
+    table = system.dm("deployments", "--limit", "2").stdout
+    assert "older ones: --before" in table
