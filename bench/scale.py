@@ -11,14 +11,14 @@ heartbeat check itself every 0.5 s (``dm.heartbeat.check``, timed). Then:
 - quiet heartbeat passes: p50 / p99 of ``check`` while nothing changes;
 - ``dm status --json`` and ``dm deployments --json`` (first page) as a user runs them (a new
   process each: interpreter start included), and the functions behind them in-process;
-- a burst of ``--burst`` deploys through ``deploy.delay`` (the control worker places each,
-  the hollow node reports ``running`` through its outbox): deploys/s (requests sent until
-  the last result) and deploy -> running p50 / p99 (send until the ``running`` event);
 - failover: the victim with 50 deployments killed (its presence connection and lease stop,
   as ``kill -9``; through ``dm:hollow:kill``): seconds from the kill until it is dead in
   the registry, and until all its deployments run elsewhere; then the one with 500; then
-  a tenth of the nodes at once;
-- the heartbeat passes during the burst (p50 / p99);
+  a tenth of the nodes at once; each process's cpu seconds during the failover of 500;
+- a burst of ``--burst`` deploys through ``deploy.delay`` (the control worker places each,
+  the hollow node reports ``running`` through its outbox): deploys/s (requests sent until
+  the last result) and deploy -> running p50 / p99 (send until the ``running`` event);
+  the heartbeat passes during the burst (p50 / p99);
 - the control worker's RSS, Redis memory, the registry's size.
 
 Each row is shown beside the N=50 row of the same run (same D). Goals are those of issue
@@ -261,6 +261,19 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
 
         beat = Beat(ctl, h.stopping)
         beat.start()
+        pids = {server.name: server.pid for server in h.stack.servers}
+        pids |= {"control worker": control.pid, "hollow": hollow.pid, "benchmark (heartbeat, polling)": os.getpid()}
+        for victim, count in zip(victims, VICTIMS, strict=False):
+            before = cpu_seconds(pids)
+            figures = failover(ctl, [victim])
+            after = cpu_seconds(pids)
+            row[f"failover{count}"] = {k: round(v, 2) for k, v in figures.items()}
+            # where the time of the failover went: each process's cpu seconds meanwhile
+            row[f"failover{count}"]["cpu_s"] = {k: round(after[k] - before[k], 1) for k in after if k in before}
+        # a tenth of the nodes at once (not the victims, which are dead already)
+        tenth = others[-max(1, nodes // 10) :]
+        row["failover_tenth"] = {k: round(v, 2) for k, v in failover(ctl, tenth).items()}
+
         from dm.tasks import deploy
 
         deploy.delay(ALGORITHM).get(timeout=60)  # warm: connections, caches
@@ -286,19 +299,6 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         latency = [runs[r["id"]] - at for at, r in results]
         row["run_p50_ms"] = round(percentile(latency, 50) * 1000, 1)
         row["run_p99_ms"] = round(percentile(latency, 99) * 1000, 1)
-
-        pids = {server.name: server.pid for server in h.stack.servers}
-        pids |= {"control worker": control.pid, "hollow": hollow.pid, "benchmark (heartbeat, polling)": os.getpid()}
-        for victim, count in zip(victims, VICTIMS, strict=False):
-            before = cpu_seconds(pids)
-            figures = failover(ctl, [victim])
-            after = cpu_seconds(pids)
-            row[f"failover{count}"] = {k: round(v, 2) for k, v in figures.items()}
-            # where the time of the failover went: each process's cpu seconds meanwhile
-            row[f"failover{count}"]["cpu_s"] = {k: round(after[k] - before[k], 1) for k in after if k in before}
-        # a tenth of the nodes at once (not the victims, which are dead already)
-        tenth = others[-max(1, nodes // 10) :]
-        row["failover_tenth"] = {k: round(v, 2) for k, v in failover(ctl, tenth).items()}
 
         row["burst_pass_p50_ms"] = round(percentile(burst_passes, 50) * 1000, 1) if burst_passes else None
         row["burst_pass_p99_ms"] = round(percentile(burst_passes, 99) * 1000, 1) if burst_passes else None
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             row = one(n, d, args.burst, args.passes)
             row["run_s"] = round(time.monotonic() - started, 1)
             rows.append(row)
-            print(json.dumps(row) if not args.json else "", file=sys.stderr, flush=True)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # progress, one row at a time
     if args.json:
         print(json.dumps(rows, indent=2))
     section = report(rows)

@@ -48,10 +48,11 @@ def node_rows(ctl: Control) -> list[dict[str, Any]]:
 
 # -- deployments and events, read by index ------------------------------------------------
 
-#: the first window of a newest-first listing, in seconds back from now; each next one is
-#: WINDOW_GROWTH times longer, and past WINDOW_LAST the rest is read in one go
-WINDOW_FIRST = 60.0
-WINDOW_GROWTH = 8.0
+#: the first window of a newest-first listing, in seconds back from now (deployments may be
+#: made by the thousand a second); each next window is sized from what the last one held,
+#: between WINDOW_GROWTH times longer and 16 times; past WINDOW_LAST the rest is read at once
+WINDOW_FIRST = 0.25
+WINDOW_GROWTH = 2.0
 WINDOW_LAST = 200 * 86400.0
 #: rows of ``dm deployments`` by default
 DEFAULT_LIMIT = 50
@@ -141,7 +142,7 @@ def list_deployments(
     top = before if before is not None else None
     now = time.time() if before is None else before
     found: list[Doc] = []
-    window = WINDOW_FIRST
+    window = width = WINDOW_FIRST
     while True:
         low = now - window if window <= WINDOW_LAST else None
         span: Doc = {}
@@ -149,9 +150,14 @@ def list_deployments(
             span["$gte"] = low
         if top is not None:
             span["$lt"] = top
+        before_this = len(found)
         for driver in drivers:
             query = {**driver, **({"created_at": span} if span else {})}
             found += [d for d in deployments.find(query, projection) if keep(d)]
         if len(found) >= limit or low is None:
             return newest_first(found)
-        top, window = low, window * WINDOW_GROWTH
+        # the next window, sized to hold about what the page still lacks at this one's density
+        held = len(found) - before_this
+        growth = 16.0 if held == 0 else min(16.0, max(WINDOW_GROWTH, 1.5 * (limit - len(found)) / held))
+        top, width = low, width * growth
+        window += width
