@@ -50,7 +50,8 @@ def node_rows(ctl: Control) -> list[dict[str, Any]]:
 
 #: the first window of a newest-first listing, in seconds back from now (deployments may be
 #: made by the thousand a second); each next window is sized from what the last one held,
-#: between WINDOW_GROWTH times longer and 16 times; past WINDOW_LAST the rest is read at once
+#: between WINDOW_GROWTH times longer and 16 times (4 times after an empty one: a burst
+#: beyond a gap is not jumped into whole); past WINDOW_LAST the rest is read at once
 WINDOW_FIRST = 0.25
 WINDOW_GROWTH = 2.0
 WINDOW_LAST = 200 * 86400.0
@@ -105,8 +106,9 @@ def list_deployments(
     filter (service, else algorithm, else each state, else none) drives reads of windows of
     ``created_at`` on its (field, created_at) index, each window further back and longer,
     until the page is full. The registry (SecantusDB) reads every document a query matches
-    before it applies a limit, so a window, not a limit, is what keeps a page's cost the
-    size of the page. The other filters are applied to what the windows return.
+    before it applies a limit (a limit only saves sending them), so a window, not a limit,
+    is what keeps a page's cost the size of the page. The other filters are applied to what
+    the windows return.
     """
     deployments = ctl.registry.deployments
     wanted: Doc = {}
@@ -153,11 +155,14 @@ def list_deployments(
         before_this = len(found)
         for driver in drivers:
             query = {**driver, **({"created_at": span} if span else {})}
-            found += [d for d in deployments.find(query, projection) if keep(d)]
+            cursor = deployments.find(query, projection).sort("created_at", -1)
+            if all(name in driver for name in wanted):  # nothing left to filter: the rest of the page at most
+                cursor = cursor.limit(limit - before_this)  # (halves the cost of a dense window)
+            found += [d for d in cursor if keep(d)]
         if len(found) >= limit or low is None:
             return newest_first(found)
         # the next window, sized to hold about what the page still lacks at this one's density
         held = len(found) - before_this
-        growth = 16.0 if held == 0 else min(16.0, max(WINDOW_GROWTH, 1.5 * (limit - len(found)) / held))
+        growth = 4.0 if held == 0 else min(16.0, max(WINDOW_GROWTH, 1.5 * (limit - len(found)) / held))
         top, width = low, width * growth
         window += width

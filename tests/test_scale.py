@@ -333,6 +333,7 @@ def test_every_query_the_code_makes_is_served_by_an_index(make_system: Any, tmp_
     assert any(s.startswith("aggregate deployments") and "state" in s for s in checked), checked
 
 
+@pytest.mark.slow
 def test_dm_deployments_pages_newest_first_with_filters(make_system: Any, tmp_path: Path) -> None:
     """`dm deployments`: the newest first, a page at a time, filtered; through the windows of
     created_at it reads (seconds old to years old), to the same answer as reading them all."""
