@@ -102,13 +102,12 @@ def list_deployments(
     """Deployments newest first (by ``created_at``), at most ``limit`` (0: all), created before
     ``before`` if given (the next page starts at the last row's ``created_at``).
 
-    Every read is bounded by an index: a node's deployments by (node, state); otherwise one
-    filter (service, else algorithm, else each state, else none) drives reads of windows of
-    ``created_at`` on its (field, created_at) index, each window further back and longer,
-    until the page is full. The registry (SecantusDB) reads every document a query matches
-    before it applies a limit (a limit only saves sending them), so a window, not a limit,
-    is what keeps a page's cost the size of the page. The other filters are applied to what
-    the windows return.
+    Every read is bounded by an index: a node's deployments by (node, state); otherwise, for
+    each state asked for (or every state), windows of ``created_at`` on the (state,
+    created_at) index, each window further back and longer, until the page is full. The
+    registry (SecantusDB) reads every document a query matches before it applies a limit (a
+    limit only saves sending them), so a window, not a limit, is what keeps a page's cost
+    the size of the page. The other filters are applied to what the windows return.
     """
     deployments = ctl.registry.deployments
     wanted: Doc = {}
@@ -133,14 +132,10 @@ def list_deployments(
         return newest_first(list(deployments.find(query, projection)))
     if limit <= 0:  # everything asked for (--all): one read, whatever it costs
         return newest_first(list(deployments.find({}, projection)))
-    if service is not None:
-        drivers: list[Doc] = [{"service": service}]
-    elif algorithm is not None:
-        drivers = [{"algorithm": algorithm}]
-    elif states:
-        drivers = [{"state": state} for state in states]  # each an equality: $in defeats the range
-    else:
-        drivers = [{}]
+    # one query per state (an equality: with $in the planner gives up the range), each on the
+    # (state, created_at) index: no index of their own for algorithm, service or age alone,
+    # since every index costs on every transition (about 0.3 ms each, measured)
+    drivers: list[Doc] = [{"state": state} for state in (states or STATES)]
     top = before if before is not None else None
     now = time.time() if before is None else before
     found: list[Doc] = []
