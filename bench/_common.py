@@ -260,7 +260,9 @@ no Kafka) in a temp dir, uses a fresh database, measures a baseline in the same 
 and stops every process it started by its PID.
 """
 #: the order of the sections on the page
-SECTIONS = ("deploy_latency", "placement", "node_idle", "failover", "bridge")
+#: the order of the sections; any other section found in the page is kept after them
+SECTIONS = ("deploy_latency", "placement", "placement_1000", "node_idle", "failover", "failover_outages",
+            "failover_sentinel", "bridge", "scale")  # fmt: skip
 
 
 def write_section(name: str, title: str, body: str) -> Path:
@@ -273,11 +275,7 @@ def write_section(name: str, title: str, body: str) -> Path:
         f"{LOAD_AT_START:.2f} at the start (before the run's own processes).\n\n"
         f"```sh\n{command_line()}\n```\n\n{body.strip()}\n{end}"
     )
-    sections = {
-        n: m.group(0)
-        for n in SECTIONS
-        if (m := re.search(rf"<!-- bench:{n} -->.*?<!-- /bench:{n} -->", text, re.S)) is not None
-    }
+    sections = {m.group(1): m.group(0) for m in re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", text, re.S)}
     sections[name] = block
     head = re.split(r"<!-- bench:", text, maxsplit=1)[0].rstrip() + "\n"
     # hand-written text after the last section (findings, notes) is kept as it is

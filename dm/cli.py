@@ -15,7 +15,7 @@ from typing import Any
 from dm.errors import ConfigError, DMError, RegistryUnavailable, UnknownAlgorithm, UnknownDeployment
 from dm.models import FINAL_STATES, RUNNING
 from dm.settings import Settings, ensure_home, mask_url, read_stack_state
-from dm.status import node_rows
+from dm.status import DEFAULT_LIMIT, deployment_counts, node_rows, recent_events
 
 #: exit codes
 EXIT_OK = 0
@@ -103,6 +103,11 @@ def cmd_down(a: argparse.Namespace) -> int:
 
 
 def cmd_node(a: argparse.Namespace) -> int:
+    rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
+    if any(arg == "--hollow" or arg.startswith("--hollow=") for arg in rest):
+        from workers import hollow  # N simulated nodes in this process (for scale tests)
+
+        return hollow.main(rest)
     from workers.agent import main
 
     rest = node_env_file(a.rest[1:] if a.rest[:1] == ["--"] else a.rest)
@@ -290,11 +295,22 @@ def cmd_nodes(a: argparse.Namespace) -> int:
 
 def cmd_deployments(a: argparse.Namespace) -> int:
     from dm.deployer import public
-    from dm.status import deployment_usage
+    from dm.status import deployment_usage, list_deployments
 
     ctl = _control()
-    states = a.state.split(",") if a.state else None
-    rows = [public(d) for d in ctl.registry.list_deployments(states, node=a.node, limit=a.limit)]
+
+    if a.limit < 1:
+        raise DMError(f"--limit must be at least 1, got {a.limit}; --all lists every deployment")
+    docs = list_deployments(
+        ctl,
+        states=a.state.split(",") if a.state else None,
+        node=a.node,
+        algorithm=a.algorithm,
+        service=a.service,
+        limit=0 if a.all else a.limit,
+        before=a.before,
+    )
+    rows = [public(d) for d in docs]
     # what each uses now, as its node measured it (containment: its cgroup)
     usage = deployment_usage(ctl, sorted({str(r["node"]) for r in rows if r.get("node")}))
     for row in rows:
@@ -303,9 +319,11 @@ def cmd_deployments(a: argparse.Namespace) -> int:
         row["memory_used"] = round(float(used["memory"]), 1) if used else None
     if a.json:
         _print_json(rows)
-    else:
-        _table(rows, ["id", "algorithm", "version", "state", "node", "generation", "restarts", "cpu_used",
-                      "memory_used", "reason"])  # fmt: skip
+        return EXIT_OK
+    _table(rows, ["id", "algorithm", "version", "state", "node", "generation", "restarts", "cpu_used",
+                  "memory_used", "reason"])  # fmt: skip
+    if not a.all and len(rows) == a.limit:
+        print(f"(the newest {a.limit}; older ones: --before {docs[-1]['created_at']!r}, or --all)")
     return EXIT_OK
 
 
@@ -327,7 +345,7 @@ def cmd_events(a: argparse.Namespace) -> int:
 
     cursor = EventCursor(ctl.registry, {"deployment_id": a.deployment} if a.deployment else None)
     cursor.last = ctl.registry.events_mark()  # read first: what follows the listing is after it
-    events = ctl.registry.list_events(a.deployment, limit=a.limit)
+    events = ctl.registry.list_events(a.deployment, limit=a.limit) if a.deployment else recent_events(ctl, a.limit)
     for e in events:
         _print_event(e, a.json)
     # a deployment's listing comes from its own history, which may be ahead of the relay
@@ -369,8 +387,8 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     ctl = _control()
     nodes = [n for n in node_rows(ctl) if n["state"] != "stopped"]
-    counts = ctl.registry.count_by_state()
-    events = [_event_row(e) for e in ctl.registry.list_events(limit=a.events)]
+    counts = deployment_counts(ctl)
+    events = [_event_row(e) for e in recent_events(ctl, a.events)]
     where = endpoints(ctl.settings)
     store = health.control_store(ctl)
     if a.json:
@@ -494,10 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0: every interface)")
     sp = add("nodes", cmd_nodes, "list nodes", json_=True)
     sp.add_argument("--all", action="store_true", help="include stopped nodes")
-    sp = add("deployments", cmd_deployments, "list deployments", json_=True)
+    sp = add("deployments", cmd_deployments, "list deployments, newest first", json_=True)
     sp.add_argument("--state", help="comma-separated states")
-    sp.add_argument("--node")
-    sp.add_argument("--limit", type=int, default=0)
+    sp.add_argument("--node", help="a node id")
+    sp.add_argument("--algorithm", help="an algorithm name")
+    sp.add_argument("--service", help="a service name")
+    sp.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"rows (default {DEFAULT_LIMIT})")
+    sp.add_argument("--all", action="store_true", help="every deployment (reads them all)")
+    sp.add_argument("--before", type=float, metavar="TIME", help="created before TIME (the next page)")
     sp = add("events", cmd_events, "deployment events", json_=True)
     sp.add_argument("deployment", nargs="?")
     sp.add_argument("--follow", "-f", action="store_true")

@@ -44,7 +44,7 @@ from dm.errors import DMError
 from dm.models import FINAL_STATES, LOST, PENDING, RESTARTING, RUNNING, SCHEDULED, STATES
 from dm.registry import EventCursor, Registry
 from dm.settings import Settings
-from dm.status import deployment_usage, node_rows  # the rows `dm status` shows, with the lease rule
+from dm.status import deployment_counts, deployment_usage, node_rows  # what `dm status` shows, with the lease rule
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class DMCollector:
         for name, count in by_state.items():
             nodes.add_metric([name], count)
         deployments = GaugeMetricFamily("dm_deployments", "Deployments by state", labels=["state"])
-        counts = self.ctl.registry.count_by_state()
+        counts = deployment_counts(self.ctl)  # one indexed count per state, not a group over all
         for name in sorted({*STATES, *counts}):
             deployments.add_metric([name], counts.get(name, 0))
         used_cpu = GaugeMetricFamily("dm_deployment_cpu_cores", "Cores a deployment uses now (its cgroup)",

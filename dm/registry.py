@@ -99,11 +99,17 @@ class Registry:
         self.algorithms.create_index([("name", 1), ("created_at", -1)])
         self.algorithms.create_index("sha256")
         self.nodes.create_index("state")
-        # every index is paid for on each transition: three, for the three kinds of query
-        # (by request id; by state; by node and state). Listing all deployments scans anyway.
+        # every index is paid for on each transition (SecantusDB writes each on every update,
+        # about 0.3 ms apiece), so one per kind of query: by request id; by node (and state);
+        # by state and age (counts per state, the waiting ones, `dm deployments` newest first
+        # a state at a time); by state and time scheduled (the start timeout).
+        # tests/test_scale.py has the registry explain each query the code makes.
         self.deployments.create_index("request_id", unique=True)
-        self.deployments.create_index([("state", 1), ("node", 1)])
         self.deployments.create_index([("node", 1), ("state", 1)])
+        self.deployments.create_index([("state", 1), ("created_at", -1)])
+        self.deployments.create_index([("state", 1), ("scheduled_at", 1)])
+        if "state_1_node_1" in self.deployments.index_information():
+            self.deployments.drop_index("state_1_node_1")  # replaced by (state, created_at)
         self._unique_event_index()  # and the relay's number is the _id: no index of its own
 
     def _unique_event_index(self) -> None:
