@@ -75,12 +75,12 @@ class Beat(threading.Thread):
         self.errors = 0
 
     def run(self) -> None:
-        from dm import heartbeat
+        from dm import reconcilers
 
         while not self.stopping.is_set():
             started = time.perf_counter()
             try:
-                heartbeat.check(self.ctl)
+                reconcilers.run_all(self.ctl.ports)
                 self.passes.append(time.perf_counter() - started)
             except Exception as exc:  # keep beating: a pass cut short is counted and shown
                 self.errors += 1
@@ -243,12 +243,12 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         row["seed_s"] = round(seed(ctl, algorithm, counts), 1)
 
         # quiet passes (nothing changes), then the beat for the rest of the run
-        from dm import heartbeat
+        from dm import reconcilers
 
         quiet = []
         for _ in range(passes):
             t0 = time.perf_counter()
-            heartbeat.check(ctl)
+            reconcilers.run_all(ctl.ports)
             quiet.append(time.perf_counter() - t0)
             time.sleep(0.2)
         row["pass_p50_ms"] = round(percentile(quiet, 50) * 1000, 1)

@@ -28,6 +28,7 @@ from bridge.settings import BridgeSettings
 from dm import constants as c
 from dm.control import Control
 from dm.lease import Lease
+from dm.registry import EVENT_SPAN
 
 log = logging.getLogger("dm.bridge")
 
@@ -91,8 +92,8 @@ class EventPublisher:
         mark = registry.events_mark()
         if mark <= start:
             return 0
-        query = {"_id": {"$gt": start, "$lte": mark}}  # the relay's number is the event's _id
-        events = list(registry.events.find(query).sort("_id", 1).limit(self.s.publish_batch))
+        mark = min(mark, start + EVENT_SPAN)  # the numbers are looked up, a span at a time (dm.registry)
+        events = registry.events_between(start, mark, {}, self.s.publish_batch)
         futures = []
         for doc in events:
             try:

@@ -80,14 +80,20 @@ def remove_node(r: redis.Redis, node_id: str) -> None:
 def publish(r: redis.Redis, sample: MetricsSample, lease_ttl: float, token: str) -> str | None:
     """Publish a metrics sample and renew the node's lease (one round trip); returns the
     node's state as the control plane sees it (``dead`` tells it that it was replaced)."""
-    pipe = r.pipeline()
-    key = k.NODE.format(sample.node_id)
-    pipe.hset(key, mapping={"cpu": sample.cpu, "ram": sample.ram, "ts": sample.ts})
-    pipe.set(k.LEASE.format(sample.node_id), token, px=int(lease_ttl * 1000))
-    pipe.hget(key, "state")
-    reindex(r, [sample.node_id], pipe)
-    state: str | None = pipe.execute()[2]
-    return state
+    return publish_many(r, [sample], lease_ttl, token)[sample.node_id]
+
+
+def publish_many(r: redis.Redis, samples: list[MetricsSample], lease_ttl: float, token: str) -> dict[str, str | None]:
+    """:func:`publish` for many nodes in one round trip (hollow nodes): node id -> its state."""
+    pipe = r.pipeline(transaction=False)
+    for sample in samples:
+        key = k.NODE.format(sample.node_id)
+        pipe.hset(key, mapping={"cpu": sample.cpu, "ram": sample.ram, "ts": sample.ts})
+        pipe.set(k.LEASE.format(sample.node_id), token, px=int(lease_ttl * 1000))
+        pipe.hget(key, "state")
+        reindex(r, [sample.node_id], pipe)
+    replies = pipe.execute()
+    return {s.node_id: replies[4 * i + 2] for i, s in enumerate(samples)}
 
 
 #: a presence connection's name in CLIENT LIST: ``name=dm-node-<id>``

@@ -74,6 +74,9 @@ RETENTION_LOCK = "dm:lock:retention"
 #: held while a node starts
 RECONCILE_LOCK = "dm:lock:reconcile:{}"
 
+#: set: ids of hollow nodes to kill as ``kill -9`` would (workers/hollow.py, for scale benchmarks)
+HOLLOW_KILL = "dm:hollow:kill"
+
 # -- caches ---------------------------------------------------------------------------
 #: token replaced by every algorithm added: caches of "the latest version" check it
 ALGORITHMS_REV = "dm:algorithms:rev"

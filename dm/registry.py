@@ -46,6 +46,10 @@ def new_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+#: event numbers looked up in one query (see Registry.events_between)
+EVENT_SPAN = 2000
+
+
 class EventCursor:
     """Reads the events collection incrementally, in the relay's order, each event once.
 
@@ -67,11 +71,12 @@ class EventCursor:
         mark = self.registry.events_mark()
         if mark <= self.last:
             return []
-        new = self.registry.events_between(self.last, mark, self.query, limit)
+        upto = min(mark, self.last + EVENT_SPAN)  # a span at a time: the numbers are looked up
+        new = self.registry.events_between(self.last, upto, self.query, limit)
         if new:
             self.skip(new)
         if not limit or len(new) < limit:
-            self.last = mark  # nothing else up to the mark matches the query
+            self.last = upto  # nothing else up to there matches the query
         return new
 
 
@@ -263,10 +268,7 @@ class Registry:
             older.reverse()
             rows = [*older, *history]
             return rows[-limit:] if limit else rows
-        else:
-            rows = list(self.events.find({"_id": {"$gte": 0}}).sort("_id", -1).limit(limit))
-        rows.reverse()
-        return rows
+        return self.last_events(limit)
 
     # -- the Kafka bridge: bulk intake, event publishing ---------------------------------
 
@@ -307,8 +309,38 @@ class Registry:
         return new_deployment(request, algorithm, node=node, reason=reason, since=since)
 
     def events_between(self, after: int, upto: int, query: Doc, limit: int = 0) -> list[Doc]:
-        """Events numbered in (after, upto] that match ``query``, in the relay's order."""
-        return list(self.events.find({**query, "_id": {"$gt": after, "$lte": upto}}).sort("_id", 1).limit(limit))
+        """Events numbered in (after, upto] that match ``query``, in the relay's order.
+
+        The numbers are looked up (``$in``), not read as an ``_id`` range: SecantusDB scans
+        the collection for a range (336 ms at 30,000 events against 0.8 ms); callers keep a
+        span to :data:`EVENT_SPAN` numbers at a time."""
+        ids = list(range(after + 1, upto + 1))
+        rows = sorted(self.events.find({**query, "_id": {"$in": ids}}), key=lambda e: e["_id"])
+        return rows[:limit] if limit else rows
+
+    def last_events(self, limit: int) -> list[Doc]:
+        """The last ``limit`` events up to the relay's mark, oldest first (numbers looked up;
+        they may have gaps, so the span widens until it holds enough)."""
+        mark = self.events_mark()
+        span = limit
+        while mark > 0 and limit > 0:
+            low = max(0, mark - span)
+            rows = self.events_between(low, mark, {})
+            if len(rows) >= limit or low == 0:
+                return rows[-limit:]
+            span *= 4
+        return []
+
+    def highest_event(self) -> int:
+        """The highest number stored: at the mark, or past it when a relay died between a write
+        and saving the mark (looked up a span at a time above the mark)."""
+        seq = self.events_mark()
+        while True:
+            found = [e["_id"] for e in self.events.find({"_id": {"$in": list(range(seq + 1, seq + EVENT_SPAN + 1))}},
+                                                        {"_id": 1})]  # fmt: skip
+            if not found:
+                return seq
+            seq = max(int(i) for i in found)
 
     def events_mark(self) -> int:
         """The relay's mark: every event numbered up to it is stored (see :mod:`dm.relay`)."""

@@ -102,10 +102,9 @@ class Relay(threading.Thread):
 
     def follow(self) -> None:
         """Copy events while this relay holds the lease."""
-        deployments, events = self.ctl.registry.deployments, self.ctl.registry.events
+        deployments = self.ctl.registry.deployments
         # numbers go on from the highest stored (a relay that died after a write may not have saved it)
-        last = events.find_one({"_id": {"$gte": 0}}, {"_id": 1}, sort=[("_id", -1)])  # numbered ones only
-        self.seq = int(last["_id"]) if last else 0
+        self.seq = self.ctl.registry.highest_event()
         saved = (self.meta.find_one({"_id": "relay"}) or {}).get("token")
         stream = None
         if saved is not None:

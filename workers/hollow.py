@@ -56,6 +56,7 @@ import redis
 
 from dm import constants as c
 from dm import fleet, node_manager
+from dm import keys as k
 from dm.control import Control
 from dm.models import (
     ACTIVE_STATES,
@@ -78,7 +79,7 @@ from workers.watchdog import FENCE_FRACTION
 log = logging.getLogger("dm.hollow")
 
 #: Redis set of hollow node ids to kill (as ``kill -9`` would): for benchmarks and tests
-KILL_KEY = "dm:hollow:kill"
+KILL_KEY = k.HOLLOW_KILL
 #: fake pids start here: above any Linux pid_max, so no real process is ever named
 FAKE_PID_BASE = 10_000_000
 #: seconds each presence call blocks (as :class:`workers.metrics.Presence`)
@@ -94,73 +95,9 @@ POP_TIMEOUT = 1
 # -- one pipeline for every node's lease and sample ------------------------------------
 
 
-class _Slot:
-    """A reply of a batched command, known once the batch has run."""
-
-    __slots__ = ("index", "value")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.value: Any = None
-
-    def __bool__(self) -> bool:
-        raise TypeError(_READ_INSIDE)
-
-    def __eq__(self, other: object) -> bool:
-        raise TypeError(_READ_INSIDE)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-_READ_INSIDE = "dm.fleet.publish read a reply inside the hollow nodes' batch: update workers/hollow.py to match it"
-
-
-class _Recorder:
-    """What ``r.pipeline()`` gives :func:`dm.fleet.publish` inside a batch: its commands go on
-    the batch's one pipeline; ``execute`` returns slots filled when the batch runs."""
-
-    def __init__(self, batch: _Batch) -> None:
-        self.batch = batch
-        self.first = len(batch.pipe)
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.batch.pipe, name)
-
-        def queued(*args: Any, **kwargs: Any) -> _Recorder:
-            method(*args, **kwargs)
-            return self
-
-        return queued
-
-    def execute(self) -> list[_Slot]:
-        slots = [_Slot(i) for i in range(self.first, len(self.batch.pipe))]
-        self.batch.slots += slots
-        return slots
-
-
-class _Batch:
-    """Stands in for the Redis client of :func:`dm.fleet.publish`, so that each node renews
-    with the protocol's own function while all of them go to Redis in one round trip."""
-
-    def __init__(self, r: redis.Redis) -> None:
-        self.pipe = r.pipeline(transaction=False)
-        self.slots: list[_Slot] = []
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> _Recorder:
-        return _Recorder(self)
-
-    def run(self) -> None:
-        replies = self.pipe.execute()
-        for slot in self.slots:
-            slot.value = replies[slot.index]
-
-
 def publish_all(r: redis.Redis, samples: list[MetricsSample], lease_ttl: float, token: str) -> dict[str, Any]:
     """:func:`dm.fleet.publish` for many nodes in one round trip: node id -> what it returned."""
-    batch = _Batch(r)
-    answers = {s.node_id: fleet.publish(batch, s, lease_ttl, token) for s in samples}  # type: ignore[arg-type]
-    batch.run()
-    return {node_id: a.value if isinstance(a, _Slot) else a for node_id, a in answers.items()}
+    return dict(fleet.publish_many(r, samples, lease_ttl, token))
 
 
 # -- the nodes -------------------------------------------------------------------------
@@ -439,7 +376,7 @@ class HollowFleet:
         self.address = self.address or own_address(self.settings.redis_url)
         added = []
         for _ in range(count):
-            node_id = str(r.incr(node_manager.NODE_SEQ_KEY))
+            node_id = str(r.incr(k.NODE_SEQ))
             fleet.register_node(r, node_id, cpus=self.cpus, memory=self.memory, state=node_manager.STARTING,
                                 host=self.host, address=self.address)  # fmt: skip
             registry.upsert_node(
@@ -606,7 +543,7 @@ class _Presences:
         conn = self.connection_class(**self.kwargs, client_name=fleet.presence_name(node_id))
         try:
             conn.connect()
-            conn.send_command("BLPOP", f"dm:presence:{node_id}", PRESENCE_POLL)
+            conn.send_command("BLPOP", k.presence(node_id), PRESENCE_POLL)
         except (redis.RedisError, OSError) as exc:
             log.warning("node-%s: presence connection failed (%s); trying again", node_id, exc)
             with self.lock:
@@ -645,7 +582,7 @@ class _Presences:
                     continue
                 try:
                     conn.read_response()
-                    conn.send_command("BLPOP", f"dm:presence:{node_id}", PRESENCE_POLL)
+                    conn.send_command("BLPOP", k.presence(node_id), PRESENCE_POLL)
                 except (redis.RedisError, OSError):
                     self.close(node_id)  # Redis went away: connect again at once, as a node does
                     with self.lock:

@@ -146,8 +146,10 @@ class MongoDeployments:
     def nodes_holding(self, node_ids: list[str]) -> list[str]:
         if not node_ids:
             return []
-        query = {"node": {"$in": node_ids}, "state": {"$in": _values(*ACTIVE, D.STOPPING)}}
-        return sorted(str(n) for n in self.col.distinct("node", query))
+        # one equality query per node on (node, state): a distinct with $in on both is a scan
+        states = _values(*ACTIVE, D.STOPPING)
+        held = [n for n in node_ids if self.col.find_one({"node": n, "state": {"$in": states}}, {"_id": 1})]
+        return sorted(held)
 
     def any_waiting(self) -> bool:
         return bool(self.col.count_documents({"state": {"$in": _values(*WAITING)}}, limit=1))
