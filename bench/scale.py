@@ -105,7 +105,7 @@ def seed(ctl: Any, algorithm: dict[str, Any], counts: dict[str, int]) -> float:
     """Record deployments ``running`` on nodes in bulk, as the registry records them; seconds taken."""
     from dm import fleet
     from dm.models import Demand, DeployRequest
-    from dm.registry import event_of
+    from dm.lifecycle import event_of
     from workers.hollow import FAKE_PID_BASE
 
     started = time.perf_counter()
