@@ -104,8 +104,8 @@ def add_algorithm(h: Harness, ctl: Any) -> dict[str, Any]:
 def seed(ctl: Any, algorithm: dict[str, Any], counts: dict[str, int]) -> float:
     """Record deployments ``running`` on nodes in bulk, as the registry records them; seconds taken."""
     from dm import fleet
-    from dm.models import Demand, DeployRequest
     from dm.lifecycle import event_of
+    from dm.models import Demand, DeployRequest
     from workers.hollow import FAKE_PID_BASE
 
     started = time.perf_counter()

@@ -1,0 +1,109 @@
+"""Events: the numbered copies the relay makes of every transition (``events``), the mark up
+to which all are stored, and the one cursor every reader follows (`dm events -f`, the metrics,
+the bridge's publisher)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dm import constants as c
+from dm.ports import EventLog
+from dm.registry.base import Collections
+
+Doc = dict[str, Any]
+
+#: event numbers looked up in one query (see Registry.events_between)
+EVENT_SPAN = 2000
+
+
+class EventCursor:
+    """Reads the events collection incrementally, in the relay's order, each event once.
+
+    By ``seq`` (also the ``_id``), the number the relay gives each event it stores, and only
+    up to the mark it saves after each batch, so a batch being written is never seen in part.
+    """
+
+    def __init__(self, registry: EventLog, query: Doc | None = None) -> None:
+        self.registry = registry
+        self.query = dict(query or {})
+        self.last = 0  # seq of the newest event read
+
+    def skip(self, events: list[Doc]) -> None:
+        """Mark events as read (e.g. the ones shown before following)."""
+        for event in events:
+            self.last = max(self.last, int(event.get("seq") or 0))
+
+    def poll(self, limit: int = 0) -> list[Doc]:
+        mark = self.registry.events_mark()
+        if mark <= self.last:
+            return []
+        upto = min(mark, self.last + EVENT_SPAN)  # a span at a time: the numbers are looked up
+        new = self.registry.events_between(self.last, upto, self.query, limit)
+        if new:
+            self.skip(new)
+        if not limit or len(new) < limit:
+            self.last = upto  # nothing else up to there matches the query
+        return new
+
+
+class Events(Collections):
+    def list_events(self, deployment_id: str | None = None, limit: int = 50) -> list[Doc]:
+        """The last ``limit`` events; one deployment's in ``rev`` order, all in the relay's order.
+
+        Not by ``_id`` or time: clocks of processes and hosts differ; ``seq`` is the relay's.
+        """
+        if deployment_id:
+            # the deployment's own history is current (the relay copies it a moment later);
+            # the events collection has what is older than the history keeps
+            doc = self.deployments.find_one({"_id": deployment_id}, {"history": 1})
+            history = list((doc or {}).get("history") or [])
+            first = history[0]["rev"] if history else None
+            if first is not None and (first == 0 or len(history) >= limit):
+                return history[-limit:] if limit else history
+            query: Doc = {"deployment_id": deployment_id}
+            if first is not None:
+                query["rev"] = {"$lt": first}
+            older = list(self.events.find(query).sort("rev", -1).limit(max(limit - len(history), 0)))
+            older.reverse()
+            rows = [*older, *history]
+            return rows[-limit:] if limit else rows
+        return self.last_events(limit)
+
+    def events_between(self, after: int, upto: int, query: Doc, limit: int = 0) -> list[Doc]:
+        """Events numbered in (after, upto] that match ``query``, in the relay's order.
+
+        The numbers are looked up (``$in``), not read as an ``_id`` range: SecantusDB scans
+        the collection for a range (336 ms at 30,000 events against 0.8 ms); callers keep a
+        span to :data:`EVENT_SPAN` numbers at a time."""
+        ids = list(range(after + 1, upto + 1))
+        rows = sorted(self.events.find({**query, "_id": {"$in": ids}}), key=lambda e: e["_id"])
+        return rows[:limit] if limit else rows
+
+    def last_events(self, limit: int) -> list[Doc]:
+        """The last ``limit`` events up to the relay's mark, oldest first (numbers looked up;
+        they may have gaps, so the span widens until it holds enough)."""
+        mark = self.events_mark()
+        span = limit
+        while mark > 0 and limit > 0:
+            low = max(0, mark - span)
+            rows = self.events_between(low, mark, {})
+            if len(rows) >= limit or low == 0:
+                return rows[-limit:]
+            span *= 4
+        return []
+
+    def highest_event(self) -> int:
+        """The highest number stored: at the mark, or past it when a relay died between a write
+        and saving the mark (looked up a span at a time above the mark)."""
+        seq = self.events_mark()
+        while True:
+            found = [e["_id"] for e in self.events.find({"_id": {"$in": list(range(seq + 1, seq + EVENT_SPAN + 1))}},
+                                                        {"_id": 1})]  # fmt: skip
+            if not found:
+                return seq
+            seq = max(int(i) for i in found)
+
+    def events_mark(self) -> int:
+        """The relay's mark: every event numbered up to it is stored (see :mod:`dm.relay`)."""
+        meta = self.db[c.META].find_one({"_id": "relay"}, {"seq": 1})
+        return int((meta or {}).get("seq") or 0)
