@@ -47,7 +47,7 @@ def test_every_redis_key_name_is_in_dm_keys() -> None:
 
 
 def test_lua_scripts_are_files_loaded_once() -> None:
-    fleet = source(ROOT / "dm" / "fleet.py")
+    fleet = source(ROOT / "dm" / "fleet" / "scripts.py")
     assert "redis.call(" not in fleet
     scripts = sorted(p.name for p in (ROOT / "dm" / "lua").glob("*.lua"))
     assert "decide.lua" in scripts and "node.lua" in scripts
