@@ -145,6 +145,8 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
         detector.update(outage_at=repr(seen), outage_seconds=repr(round(now - seen, 3)), outage=v.blind_reason)
     f.set_marks(k.DETECTOR, detector)
     moved = sum(fail_over(ports, node_id, reason, now) for node_id, reason in sorted(v.dead.items()))
+    if moved:  # a long fail-over is this pass at work, not the control plane away
+        f.set_marks(k.DETECTOR, {"seen": repr(max(now, time.time()))})
     f.put(k.HEARTBEAT_LAST, repr(time.time()))
     return {"dead": sorted(v.dead), "failed_over": moved, "blind": v.blind_until > now}
 
