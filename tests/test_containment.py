@@ -342,7 +342,7 @@ def test_a_setsid_double_fork_dies_when_its_node_fences_itself_and_when_its_agen
     orphan = int(line_of(system, again["id"], "grandchild ").split()[1])
     agent = system.node_pid(system.wait_state(again["id"], "running")["node"])
     os.kill(agent, signal.SIGKILL)
-    wait_for(lambda: not alive(orphan), 10, what="the double-forked process to die with its agent")
+    wait_for(lambda: not alive(orphan), 20, what="the double-forked process to die with its agent")
 
 
 @ROOT_ONLY
