@@ -14,6 +14,8 @@ Doc = dict[str, Any]
 
 #: event numbers looked up in one query (see Registry.events_between)
 EVENT_SPAN = 2000
+#: event numbers looked up in one query (see Registry.events_between)
+IN_CHUNK = 50
 
 
 class EventCursor:
@@ -73,10 +75,15 @@ class Events(Collections):
         """Events numbered in (after, upto] that match ``query``, in the relay's order.
 
         The numbers are looked up (``$in``), not read as an ``_id`` range: SecantusDB scans
-        the collection for a range (336 ms at 30,000 events against 0.8 ms); callers keep a
-        span to :data:`EVENT_SPAN` numbers at a time."""
-        ids = list(range(after + 1, upto + 1))
-        rows = sorted(self.events.find({**query, "_id": {"$in": ids}}), key=lambda e: e["_id"])
+        the collection for a range (255 ms for 1,000 of 20,000 events), and a long ``$in`` costs
+        it more than linearly (1,000 numbers 667 ms, 2,000 2.6 s), so they go :data:`IN_CHUNK`
+        at a time (1,000 events in 70 ms). Callers keep a span to :data:`EVENT_SPAN` numbers."""
+        rows: list[Doc] = []
+        for low in range(after, upto, IN_CHUNK):
+            ids = list(range(low + 1, min(low + IN_CHUNK, upto) + 1))
+            rows += sorted(self.events.find({**query, "_id": {"$in": ids}}), key=lambda e: e["_id"])
+            if limit and len(rows) >= limit:
+                break
         return rows[:limit] if limit else rows
 
     def last_events(self, limit: int) -> list[Doc]:
@@ -97,8 +104,8 @@ class Events(Collections):
         and saving the mark (looked up a span at a time above the mark)."""
         seq = self.events_mark()
         while True:
-            found = [e["_id"] for e in self.events.find({"_id": {"$in": list(range(seq + 1, seq + EVENT_SPAN + 1))}},
-                                                        {"_id": 1})]  # fmt: skip
+            ids = list(range(seq + 1, seq + IN_CHUNK + 1))
+            found = [e["_id"] for e in self.events.find({"_id": {"$in": ids}}, {"_id": 1})]
             if not found:
                 return seq
             seq = max(int(i) for i in found)
