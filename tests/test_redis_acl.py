@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from dm import keys as k
 from dm.embedded import find_redis_server, free_port, stop_pid
 from tests.system import System, wait_for
 
@@ -46,6 +47,8 @@ def test_a_system_runs_and_fails_over_as_the_acl_user_the_docs_describe(stack, t
             hello = system.deploy("hello", args={"who": "acl"})
             assert system.wait_state(hello["id"], "succeeded", "failed")["state"] == "succeeded"
             service = system.wait_state(system.deploy("service", args={"interval": 0.2})["id"], "running")
+            # (the detector judges a presence connection once it has seen it in this Redis run)
+            wait_for(lambda: system.ctl.redis.hget(k.PRESENT_IN, service["node"]), 30, what="the node seen present")
             os.kill(system.node_pid(service["node"]), signal.SIGKILL)
             killed = time.monotonic()
 
