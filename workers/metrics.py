@@ -31,6 +31,7 @@ from redis.retry import Retry
 from dm import fleet, keys, redis_conn
 from dm.models import MetricsSample
 from workers.containment.base import Group
+from workers.containment.fallback import descendants
 from workers.containment.usage import MIB, Meter, Use
 from workers.watchdog import FENCE_FRACTION
 
@@ -60,7 +61,7 @@ class TreeSampler:
             mib = self.root.memory_info().rss / MIB + sum(u.memory for u in self.usage.values())
             return cores * 100.0 / self.cpus, mib / self.memory * 100.0
         current = [self.root]
-        for pid in _descendants(self.root.pid):
+        for pid in descendants(self.root.pid):
             known = self._procs.get(pid)
             try:
                 current.append(known if known is not None else psutil.Process(pid))
@@ -80,28 +81,6 @@ class TreeSampler:
             seen[proc.pid] = proc
         self._procs = seen
         return cpu / self.cpus, rss / (1024 * 1024) / self.memory * 100.0
-
-
-def _descendants(pid: int) -> list[int]:
-    """Child pids from /proc/<pid>/task/*/children, recursively: no scan of every process
-    on the host (psutil's children() reads them all, about 2 ms a sample)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except (OSError, ValueError):
-                continue
-            out += kids
-            todo += kids
-    return out
 
 
 class HostSampler:

@@ -102,7 +102,8 @@ def uid_pids(uid: int) -> list[int]:
 
 
 def descendants(pid: int) -> list[int]:
-    """Child pids from /proc/<pid>/task/*/children, recursively."""
+    """Child pids from /proc/<pid>/task/*/children, recursively: no scan of every process
+    on the host (psutil's children() reads them all, about 2 ms a sample)."""
     out: list[int] = []
     todo = [pid]
     while todo:
