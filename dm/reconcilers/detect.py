@@ -56,6 +56,8 @@ class Observation:
 @dataclass
 class Verdict:
     dead: dict[str, str] = field(default_factory=dict)
+    #: of the dead, those judged by their lease alone (they may be alive and cut off)
+    silent: set[str] = field(default_factory=set)
     present_in: dict[str, str] = field(default_factory=dict)
     absent_since: dict[str, float] = field(default_factory=dict)
     absent_drop: list[str] = field(default_factory=list)
@@ -102,8 +104,10 @@ def judge(obs: Observation, s: Settings) -> Verdict:
                 if now - since < NODE_START_GRACE:
                     continue  # still starting: it has not published its first lease yet
                 v.dead[node_id] = f"node-{node_id} did not start within {NODE_START_GRACE:g}s"
+                v.silent.add(node_id)
             else:
                 v.dead[node_id] = f"node-{node_id} lease expired"
+                v.silent.add(node_id)
     return v
 
 
@@ -144,31 +148,29 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
         seen = float(obs.detector.get("seen") or now)
         detector.update(outage_at=repr(seen), outage_seconds=repr(round(now - seen, 3)), outage=v.blind_reason)
     f.set_marks(k.DETECTOR, detector)
-    moved = sum(fail_over(ports, node_id, reason, now) for node_id, reason in sorted(v.dead.items()))
+    moved = sum(
+        fail_over(ports, node_id, reason, now, silent=node_id in v.silent) for node_id, reason in sorted(v.dead.items())
+    )
     if moved:  # a long fail-over is this pass at work, not the control plane away
         f.set_marks(k.DETECTOR, {"seen": repr(max(now, time.time()))})
     f.put(k.HEARTBEAT_LAST, repr(time.time()))
     return {"dead": sorted(v.dead), "failed_over": moved, "blind": v.blind_until > now}
 
 
-def silent(reason: str) -> bool:
-    """A verdict by the lease: the node may be alive and cut off, running its algorithms (a
-    process that died, or whose connection closed, took its children with it)."""
-    return reason.endswith(("lease expired", f"within {NODE_START_GRACE:g}s"))
-
-
-def fail_over(ports: Ports, node_id: str, reason: str, now: float | None = None) -> int:
+def fail_over(ports: Ports, node_id: str, reason: str, now: float | None = None, silent: bool = False) -> int:
     """Mark a node dead and place its deployments again; returns how many moved. One checker
     wins the node's compare-and-set; the others only bring the fleet's copy of its state along.
-    After a silent failure, a deployment that asked to keep running on a cut-off node
-    (``keep_for``) is moved that long after the verdict (by :mod:`dm.reconcilers.replace`): its
-    node kills it before then."""
+    After a ``silent`` failure (a verdict by the lease: the node may be alive and cut off,
+    running its algorithms; a process that died, or whose connection closed, took its
+    children with it), a deployment that asked to keep running on a cut-off node
+    (``keep_for``) is moved that long after the verdict (by :mod:`dm.reconcilers.replace`):
+    its node kills it before then."""
     now = time.time() if now is None else now
     if not set_node_state(ports, node_id, NodeState.DEAD, expect=(*LIVE_NODE, NodeState.STOPPING)):
         ports.fleet.set_state(node_id, NodeState.DEAD)  # another checker won: bring the copy along
         return 0
     log.warning("%s: failing over its deployments", reason)
-    if silent(reason):
+    if silent:
         ports.fleet.set_marks(k.DEAD_SINCE, {node_id: repr(now)})
         return move_deployments(ports, node_id, reason, held_since=now, now=now)
     return move_deployments(ports, node_id, reason)
