@@ -12,6 +12,7 @@ from dm import constants as c
 from dm.errors import ConfigError
 from dm.redis_conn import configure_celery
 from dm.settings import Settings
+from dm.worker_stats import ControlStoreStats
 
 settings = Settings.from_env()
 
@@ -54,6 +55,8 @@ class _AMQP(AMQP):  # type: ignore[misc]
 
 
 app = Celery("dm", task_cls=DMTask, amqp=_AMQP, include=["dm.tasks", "workers.tasks"])
+# every dm worker's stats (and so Flower's page of it) say how the control store is doing
+app.steps["worker"].add(ControlStoreStats)
 try:
     app.config_from_object("celeryconfig")
 except ImportError:  # installed without the checkout: the same defaults

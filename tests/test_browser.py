@@ -1,4 +1,4 @@
-"""Flower, started by `dm up`, seen in a real headless Chromium: every node and the run tasks.
+"""Flower, started by `dm up`, seen in a real headless Chromium: every node, the run tasks, and\nthe control store's health on a node's page.
 
 Needs Debian's `chromium` and `chromium-driver` (scripts/ci-deps.sh installs them); the
 test fails, never skips, without them. The screenshot lands in the test's tmp_path and
@@ -109,6 +109,24 @@ def test_flower_shows_every_node_and_the_run_tasks(browser, tmp_path: Path):
         )
         browser.save_screenshot(str(tmp_path / "flower-tasks.png"))  # type: ignore[attr-defined]
         shutil.copy(tmp_path / "flower-tasks.png", ROOT / "test-output" / "flower-tasks.png")
+
+        # and a node's page says how the control store is doing (tab Other: rows from the node's stats)
+        node_name = f"node-1@{socket.gethostname()}"
+        browser.get(f"http://127.0.0.1:{flower_port}/worker/{node_name}")  # type: ignore[attr-defined]
+        WebDriverWait(browser, 30, poll_frequency=0.3).until(
+            lambda d: d.find_elements(By.ID, "worker-tab-other"), message="the Other tab of node-1's page"
+        )
+        browser.find_element(By.ID, "worker-tab-other").click()  # type: ignore[attr-defined]
+        other = (By.ID, "tab-other")
+        WebDriverWait(browser, 10, poll_frequency=0.3).until(
+            lambda d: "dm control store" in d.find_element(*other).text, message="the control store rows"
+        )
+        rows = browser.find_element(*other).text  # type: ignore[attr-defined]
+        browser.save_screenshot(str(tmp_path / "flower-node.png"))  # type: ignore[attr-defined]
+        shutil.copy(tmp_path / "flower-node.png", ROOT / "test-output" / "flower-node.png")
+        for row in ("dm control store Redis reachable", "dm nodes in grace", "dm node lease renewed",
+                    "dm node in grace no", "dm last outage"):  # fmt: skip
+            assert row in rows, rows
 
         # and Flower's own /metrics works beside dm's, which shows both nodes up
         for port, prefix in ((flower_port, "flower_"), (metrics_port, "dm_node_state")):

@@ -76,9 +76,26 @@ def test_redis_stalled_5s_kills_nothing(stack, private_redis, tmp_path):
         # and `dm status` tells of the stall
         shown = json.loads(system.dm("status", "--json").stdout)["control_store"]
         assert shown["redis"] == "reachable" and shown["last_outage"]["seconds"] >= 4.5, shown
+        # and so does every worker's stats, the rows Flower shows on a worker's page
+        stats = wait_for(lambda: (s := worker_stats()) and len(s) == 4 and s, 30, 0.5, what="four workers' stats")
+        for name, rows in stats.items():
+            assert rows["dm control store"].startswith("Redis reachable; last outage"), (name, rows)
+            assert "none" not in rows["dm last outage"], (name, rows)
+            if name.startswith("node-"):
+                assert rows["dm node lease"].startswith("renewed"), (name, rows)
+                assert "lease not renewed for" in rows["dm node last outage"], (name, rows)
+                assert rows["dm node in grace"] == "no", (name, rows)
     finally:
         os.kill(private_redis[0].pid, signal.SIGCONT)
         system.stop()
+
+
+def worker_stats() -> dict[str, dict[str, str]]:
+    """Each dm worker's rows of ``celery inspect stats`` that name the control store."""
+    from dm.app import app
+
+    replies = app.control.inspect(timeout=3).stats() or {}
+    return {name: {k: v for k, v in s.items() if k.startswith("dm ")} for name, s in replies.items()}
 
 
 def test_redis_restarted_in_place_kills_nothing(stack, tmp_path):

@@ -27,7 +27,7 @@ from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 
 from dm import constants as c
-from dm import fleet, node_manager
+from dm import fleet, health, node_manager, worker_stats
 from dm.app import app
 from dm.backoff import Backoff
 from dm.control import Control
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _until_reachable("Redis", publisher.publish_once)
     publisher.start()
+    worker_stats.set_node_view(lambda: {**publisher.view(), **in_grace(ctl, node_id)})
     Presence(settings.redis_url, node_id).start()
 
     def ready(**_: Any) -> None:
@@ -164,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         publisher.stop()
         handover(ctl, node_id, supervisor)
     return 0
+
+
+def in_grace(ctl: Control, node_id: str) -> dict[str, str]:
+    """Whether the control plane holds its verdict on this node (its lease lapsed while it was blind)."""
+    seen = health.control_store(ctl)
+    if node_id in seen.get("nodes_in_grace", []):
+        return {"dm node in grace": f"yes, for {seen['grace_until'] - time.time():.1f}s more"}
+    return {"dm node in grace": "no"}
 
 
 def handover(ctl: Control, node_id: str, supervisor: Supervisor) -> None:

@@ -138,6 +138,9 @@ class Publisher(threading.Thread):
         self.token = uuid.uuid4().hex
         self.last_renewed = time.monotonic()
         self.fenced = False
+        #: when renewals started failing (wall clock), and the last outage seen: (at, seconds, error)
+        self.failing_since: float | None = None
+        self.last_outage: tuple[float, float, str] | None = None
         self.stopping = threading.Event()
 
     @property
@@ -163,10 +166,15 @@ class Publisher(threading.Thread):
             started = time.monotonic()
             try:
                 self.publish_once()
+                if self.failing_since is not None:
+                    self.last_outage = (self.failing_since, time.time() - self.failing_since, self.last_outage_error)
+                    self.failing_since = None
                 if self.fenced:
                     log.warning("node-%s reaches Redis again", self.node_id)
                     self.fenced = False
             except Exception as exc:  # a store out of reach; this thread must outlive any error
+                if self.failing_since is None:
+                    self.failing_since, self.last_outage_error = time.time(), f"{type(exc).__name__}: {exc}"
                 silent = time.monotonic() - self.last_renewed
                 log.warning("node-%s: lease renewed %.1fs ago: %r", self.node_id, silent, exc)
                 if silent >= self.fence_after and not self.fenced:
@@ -176,6 +184,26 @@ class Publisher(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
+
+    last_outage_error = ""
+
+    def view(self) -> dict[str, str]:
+        """This node's side of the control store's health, as rows of its worker's stats (Flower)."""
+        silent = time.monotonic() - self.last_renewed
+        if self.failing_since is None:
+            lease = f"renewed {silent:.1f}s ago; this node fences after {self.fence_after:.1f}s without a renewal"
+        else:
+            lease = (f"not renewed for {silent:.1f}s ({self.last_outage_error}); "
+                     + ("fenced: it killed what may run elsewhere" if self.fenced
+                        else f"fences in {max(0.0, self.fence_after - silent):.1f}s"))  # fmt: skip
+        rows = {"dm node lease": lease}
+        if self.last_outage is not None:
+            at, seconds, error = self.last_outage
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+            rows["dm node last outage"] = f"{when}, lease not renewed for {seconds:.1f}s ({error})"
+        else:
+            rows["dm node last outage"] = "none since this node started"
+        return rows
 
 
 class Presence(threading.Thread):
