@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,6 +213,70 @@ def test_a_host_cut_off_fences_itself_its_work_moves_and_it_rejoins_running_noth
     assert overlaps(ledger) == []
     assert all(c.system.deployment(d["id"])["state"] == "running" for d in deps + more)
     assert len(instances(ledger)) == 9
+
+
+def held_service(tmp_path: Path, keep_for: str) -> Path:
+    """The example service, declaring in its algorithm.toml that a cut-off node keeps it ``keep_for``."""
+    target = tmp_path / "held-service"
+    shutil.copytree(ROOT / "examples" / "algorithms" / "service", target)
+    toml = target / "algorithm.toml"
+    toml.write_text(toml.read_text().replace('name = "service"', 'name = "held-service"')
+                    + f'\n[disconnect]\nkeep_for = "{keep_for}"\n')  # fmt: skip
+    return target
+
+
+@needs_root
+def test_a_host_cut_off_kills_its_copies_first_and_keeps_one_declaring_keep_for_until_it_ends(cluster, tmp_path):
+    # Given, on a node of the first test host, a service and one whose algorithm.toml says
+    # `[disconnect] keep_for = "30s"`, and nodes on the two other hosts
+    c = cluster(provider="static")
+    c.system.add_examples("service")
+    c.system.add_algorithm(held_service(tmp_path, "30s"))
+    c.start_node(c.net.hosts[0])
+    c.system.wait_nodes_up(1)
+    victim = c.node_at(c.net.hosts[0])["_id"]
+    ledger = tmp_path / "ledger"
+    args = {"interval": 0.1, "ledger": str(ledger)}
+    plain = c.system.wait_state(c.system.deploy("service", args=args)["id"], "running")
+    held = c.system.wait_state(c.system.deploy("held-service", args=args)["id"], "running")
+    assert plain["node"] == held["node"] == victim
+    for host in c.net.hosts[1:]:
+        c.start_node(host)
+    c.system.wait_nodes_up(3)
+
+    # When that host's link goes down
+    host = c.net.hosts[0]
+    c.net.cut(host)
+    cut_at = time.time()
+    try:
+        # Then the plain one's copy dies there first (the node fences itself within the lease)
+        wait_for(lambda: not alive(plain["pid"]), LEASE, 0.05, what="the plain copy to die on the cut-off node")
+        # and it runs on another host within the lease plus 2 s
+        moved = wait_for(lambda: (d := c.system.deployment(plain["id"]))["state"] == "running"
+                         and d["node"] != victim and d, LEASE + 7, 0.05, what="the plain one elsewhere")  # fmt: skip
+        moved_after = time.time() - cut_at
+        assert moved["generation"] > plain["generation"]
+        # while the held one runs on, recorded on the cut-off node, for most of its 30 s
+        wait_for(lambda: time.time() > cut_at + 25, 30, interval=0.5, what="25 s into the cut")
+        still = c.system.deployment(held["id"])
+        assert (still["node"], still["generation"], still["state"]) == (victim, held["generation"], "running")
+        assert alive(held["pid"])
+        assert max(i.last_seen for i in instances(ledger)[held["id"]]) > cut_at + 24  # it ticked on there
+        # and moves only after its keep_for, once its copy there is dead
+        later = wait_for(lambda: (d := c.system.deployment(held["id"]))["state"] == "running"
+                         and d["node"] != victim and d, 30, 0.1, what="the held one elsewhere")  # fmt: skip
+        assert time.time() > cut_at + 30 and later["generation"] > held["generation"]
+        assert not alive(held["pid"])
+    finally:
+        c.net.heal(host)
+
+    # When the link is back the node rejoins, running neither of them
+    wait_for(lambda: c.node_state(victim) == "up", 30, what="the node to rejoin")
+    assert not [d for d in c.system.ctl.registry.list_deployments(["running"]) if d["node"] == victim]
+    # And no copy of either ever ran beside another (the ledger: two runs each, one after the other)
+    wait_for(lambda: all(len(instances(ledger)[d]) == 2 for d in (plain["id"], held["id"])), 10, what="ledger")
+    assert overlaps(ledger) == []
+    assert moved_after <= LEASE + 2, f"the plain one ran elsewhere {moved_after:.2f}s after the cut"
 
 
 @needs_root
