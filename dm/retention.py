@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from dm import fleet
 from dm import keys as k
 from dm.models import FINAL_STATES
+from dm.registry.base import chunks, find_in
 
 if TYPE_CHECKING:
     from dm.control import Control
@@ -80,8 +81,9 @@ def prune_deployments(registry: Registry, cutoff: float) -> tuple[int, int]:
             if not ids:
                 break
             # events first: a sweep cut short leaves a deployment with fewer events, never events of none
-            events += registry.events.delete_many({"deployment_id": {"$in": ids}}).deleted_count
-            deleted += registry.deployments.delete_many({"_id": {"$in": ids}, **query}).deleted_count
+            for part in chunks(ids):
+                events += registry.events.delete_many({"deployment_id": {"$in": part}}).deleted_count
+                deleted += registry.deployments.delete_many({"_id": {"$in": part}, **query}).deleted_count
             if len(ids) < BATCH:
                 break
     return deleted, events
@@ -94,11 +96,12 @@ def prune_nodes(ctl: Control, cutoff: float) -> list[str]:
         query = {"state": state, "updated_at": {"$lt": cutoff}}
         ids = [n["_id"] for n in ctl.registry.nodes.find(query, {"_id": 1}).limit(BATCH)]
         if ids:
-            ctl.registry.nodes.delete_many({"_id": {"$in": ids}, **query})
+            for part in chunks(ids):
+                ctl.registry.nodes.delete_many({"_id": {"$in": part}, **query})
             gone += ids
     # the fleet view may hold a node the registry no longer has (or never had): by its own record
     hashes = fleet.node_hashes(ctl.redis)
-    known = {n["_id"] for n in ctl.registry.nodes.find({"_id": {"$in": list(hashes)}}, {"_id": 1})}
+    known = {n["_id"] for n in find_in(ctl.registry.nodes, hashes, {"_id": 1})}
     for node_id, h in hashes.items():
         stale = h.get("state") in GONE_NODE_STATES and _float(h.get("ts")) < cutoff and node_id not in known
         if (node_id in gone or stale) and not ctl.redis.exists(k.LEASE.format(node_id)):

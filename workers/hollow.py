@@ -72,6 +72,7 @@ from dm.models import (
     RestartPolicy,
 )
 from dm.registry import Doc
+from dm.registry.base import find_in
 from dm.settings import Settings
 from workers.outbox import Outbox
 from workers.watchdog import FENCE_FRACTION
@@ -318,9 +319,8 @@ class Worker(threading.Thread):
         ours = {cp.dep_id: (node, cp) for node in self.nodes if node.alive for cp in node.copies.values()}
         if not ours:
             return
-        docs = self.hollow.ctl.registry.deployments.find(
-            {"_id": {"$in": list(ours)}}, {"generation": 1, "node": 1, "state": 1, "demand": 1}
-        )
+        fields = {"generation": 1, "node": 1, "state": 1, "demand": 1}
+        docs = find_in(self.hollow.ctl.registry.deployments, ours, fields)
         current = {d["_id"]: d for d in docs}
         for dep_id, (node, copy) in ours.items():
             doc = current.get(dep_id)

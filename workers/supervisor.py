@@ -49,6 +49,7 @@ from dm.models import (
 )
 from dm.package import unpack
 from dm.registry import Doc
+from dm.registry.base import find_in
 from workers.containment import Group, User
 from workers.containment import spawn as sp
 from workers.containment.base import CPU_START_GRACE
@@ -493,9 +494,7 @@ class Supervisor(threading.Thread):
         if not ours:
             return
         try:
-            docs = self.ctl.registry.deployments.find(
-                {"_id": {"$in": list(ours)}}, {"generation": 1, "node": 1, "state": 1}
-            )
+            docs = find_in(self.ctl.registry.deployments, ours, {"generation": 1, "node": 1, "state": 1})
             current = {d["_id"]: d for d in docs}
         except Exception as exc:  # registry away: the lease, not the registry, decides fencing
             log.warning("ownership check skipped: %s", exc)

@@ -18,6 +18,7 @@ from pymongo.errors import DuplicateKeyError
 from dm.lifecycle import ACTIVE, WAITING, D, event_of
 from dm.models import Demand
 from dm.registry import Registry
+from dm.registry.base import find_in
 
 Doc = dict[str, Any]
 
@@ -123,9 +124,7 @@ class MongoDeployments:
         if result.modified_count == len(ops):
             return news
         # some had moved on meanwhile: the moved ones are those now at the new rev in the new state
-        now_at = {
-            d["_id"]: d for d in self.col.find({"_id": {"$in": [d["_id"] for d in docs]}}, {"rev": 1, "state": 1})
-        }
+        now_at = {d["_id"]: d for d in find_in(self.col, [d["_id"] for d in docs], {"rev": 1, "state": 1})}
         return [
             n
             for n in news

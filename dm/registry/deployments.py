@@ -12,7 +12,7 @@ from pymongo.errors import DuplicateKeyError
 from dm.errors import UnknownDeployment
 from dm.lifecycle import new_deployment
 from dm.models import ACTIVE_STATES, DeployRequest
-from dm.registry.base import Collections
+from dm.registry.base import Collections, find_in
 
 Doc = dict[str, Any]
 
@@ -77,8 +77,8 @@ class Deployments(Collections):
             refused = sorted(int(e["index"]) for e in errors)
         results: list[tuple[Doc, bool]] = [(doc, True) for doc in docs]
         if refused:
-            query = {"request_id": {"$in": [docs[i]["request_id"] for i in refused]}}
-            found = {d["request_id"]: d for d in self.deployments.find(query)}
+            asked = [docs[i]["request_id"] for i in refused]
+            found = {d["request_id"]: d for d in find_in(self.deployments, asked, field="request_id")}
             for i in refused:
                 if docs[i]["request_id"] in found:
                     results[i] = (found[docs[i]["request_id"]], False)

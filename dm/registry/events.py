@@ -8,14 +8,12 @@ from typing import Any
 
 from dm import constants as c
 from dm.ports import EventLog
-from dm.registry.base import Collections
+from dm.registry.base import IN_CHUNK, Collections
 
 Doc = dict[str, Any]
 
 #: event numbers looked up in one query (see Registry.events_between)
 EVENT_SPAN = 2000
-#: event numbers looked up in one query (see Registry.events_between)
-IN_CHUNK = 50
 
 
 class EventCursor:
