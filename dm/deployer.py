@@ -17,7 +17,19 @@ from typing import Any
 
 from dm import balancer
 from dm.errors import InvalidArgs, NoCapacity
-from dm.lifecycle import ACTIVE, FINAL, WAITING, Actor, D, Effect, apply_effects, new_deployment, rule, transition
+from dm.lifecycle import (
+    ACTIVE,
+    FINAL,
+    WAITING,
+    Actor,
+    D,
+    Effect,
+    apply_effects,
+    new_deployment,
+    rule,
+    transition,
+    transition_many,
+)
 from dm.models import AlgorithmSpec, Demand, DeployRequest
 from dm.package import validate_args
 from dm.ports import Lock, Ports
@@ -227,6 +239,59 @@ def place(ports: Ports, dep_id: str, doc: Doc | None = None) -> Doc:
         if placed is None:  # another deployer placed or stopped it first
             return ports.store.get(dep_id)
     return placed
+
+
+#: deployments decided and written together by :func:`place_many` (one lock hold, one script,
+#: one bulk write, one pipeline each)
+PLACE_BATCH = 100
+#: the policies whose choice the fleet makes in one script, for one deployment or many
+BATCH_POLICIES = ("min", "max")
+
+
+def place_many(ports: Ports, docs: list[Doc]) -> list[Doc]:
+    """Place many waiting deployments (a dead node's, a backlog) in few round trips: for each
+    batch of :data:`PLACE_BATCH`, one script takes the placement lock and chooses a node for
+    each, allocating as it goes so the next choice counts the ones before (never past the
+    threshold, as one by one); one bulk write records them ``scheduled`` (a compare-and-set
+    each); one pipeline releases the lock and sends the run orders. An allocation whose write
+    was refused (the deployment moved on meanwhile) is released. What found no room goes
+    through :func:`place_or_grow` one by one (which adds a node). Returns each of those given
+    that was waiting, as it now stands, in the order given."""
+    s = ports.settings
+    waiting = [d for d in docs if d["state"] in WAITING]
+    if s.policy not in BATCH_POLICIES or len(waiting) < 2:
+        return [place_or_grow(ports, d) for d in waiting]
+    out: list[Doc] = []
+    for low in range(0, len(waiting), PLACE_BATCH):
+        batch = waiting[low : low + PLACE_BATCH]
+        wants = [(d["_id"], Demand.from_dict(d["demand"])) for d in batch]
+        lock, picks = ports.fleet.place_many_lock(wants, s.threshold, s.policy, s.reservation_settle)
+        chosen = [(d, node, score) for d, (node, score) in zip(batch, picks, strict=True) if node is not None]
+        moved: dict[str, Doc] = {}
+        try:
+            now = time.time()
+            each = [{"node": node, "reason": f"placed on node-{node} (load {score:.1f})", "pid": None,
+                     "scheduled_at": now} for _, node, score in chosen]  # fmt: skip
+            docs_chosen = [d for d, _, _ in chosen]
+            placed = transition_many(
+                ports, docs_chosen, D.SCHEDULED, actor=Actor.CONTROL, reason="placed", each=each, lock=lock
+            )
+            moved = {d["_id"]: d for d in placed}
+        finally:
+            lock.release()
+            for d, node, _ in chosen:  # refused (moved on meanwhile), or the write failed
+                if d["_id"] not in moved:
+                    try:
+                        ports.fleet.release(str(node), d["_id"])
+                    except Exception as exc:  # the allocations reconciler rebuilds it from the registry
+                        if not ports.is_outage(exc):
+                            raise
+        for d, (pick, _) in zip(batch, picks, strict=True):
+            if pick is None:
+                out.append(place_or_grow(ports, d))
+            else:
+                out.append(moved.get(d["_id"]) or ports.store.get(d["_id"]))
+    return out
 
 
 def stop(ports: Ports, dep_id: str, reason: str = "stopped by request") -> Doc:

@@ -246,20 +246,49 @@ def transition(
     return new
 
 
-def transition_many(ports: Ports, docs: list[Doc], to: str, *, actor: Actor, reason: str, **fields: Any) -> list[Doc]:
+def transition_many(
+    ports: Ports,
+    docs: list[Doc],
+    to: str,
+    *,
+    actor: Actor,
+    reason: str,
+    each: list[dict[str, Any]] | None = None,
+    lock: Any = None,
+    **fields: Any,
+) -> list[Doc]:
     """The same move for many deployments, each as the caller read it (its state, generation
     and rev are the compare-and-set), in one write of the store where it can; returns those
     moved. The table is checked as :func:`transition` checks it; effects follow for each.
-    A fail-over of a node with hundreds of deployments is one round trip, not hundreds."""
+    A fail-over of a node with hundreds of deployments is one round trip, not hundreds.
+
+    A move that places (to ``scheduled``: a new generation) gives each deployment its node in
+    ``each`` and holds the placement ``lock``; the allocations are recorded already (the fleet
+    made them as it chose), and the run orders go out with the lock's release in one call."""
     target = DeploymentState(to)
     rules = {str(d["state"]): rule(d["state"], target, actor) for d in docs}
-    if any(r.new_generation for r in rules.values()):
-        raise IllegalTransition("a batch move never places: place each with transition()")
-    moved = ports.store.compare_and_set_many(docs, target.value, reason=reason, fields=fields)
+    places = any(r.new_generation for r in rules.values())
+    if places and (each is None or any(not e.get("node") for e in each)):
+        raise IllegalTransition("a batch move that places names each deployment's node (each=[{'node': ...}])")
+    moved = ports.store.compare_and_set_many(
+        docs, target.value, reason=reason, fields=fields, each=each, new_generation=places
+    )
     before = {d["_id"]: d for d in docs}
+    runs = []
     for new in moved:
         old = before[new["_id"]]
-        apply_effects(ports, rules[str(old["state"])].effects, new, old, reason=reason)
+        effects = rules[str(old["state"])].effects
+        if Effect.RUN in effects:
+            runs.append(new)
+            effects = tuple(e for e in effects if e is not Effect.RUN)
+        apply_effects(ports, effects, new, old, reason=reason)
+    if places:
+        try:
+            ports.dispatcher.run_many(runs, lock)
+        except Exception as exc:  # the writes stand: the orders are sent again after the start timeout
+            if not ports.is_outage(exc):
+                raise
+            log.warning("run orders of %d deployments left to the reconcilers: %s", len(runs), exc)
     return moved
 
 

@@ -58,9 +58,19 @@ class DeploymentStore(Protocol):
         ``seen`` is given the document the write was made from."""
         ...
 
-    def compare_and_set_many(self, docs: list[Doc], state: str, *, reason: str, fields: dict[str, Any]) -> list[Doc]:
+    def compare_and_set_many(
+        self,
+        docs: list[Doc],
+        state: str,
+        *,
+        reason: str,
+        fields: dict[str, Any],
+        each: list[dict[str, Any]] | None = None,
+        new_generation: bool = False,
+    ) -> list[Doc]:
         """Move each document, as read, to ``state`` (a compare-and-set on its id and rev each,
-        with its event), in one write; returns the new documents of those moved. Only
+        with its event), in one write; returns the new documents of those moved. ``each``: fields
+        of each document's own (its node, its reason), over ``fields``. Only
         :func:`dm.lifecycle.transition_many` calls it."""
         ...
 
@@ -122,6 +132,15 @@ class Fleet(Protocol):
         (lock, node id or None, its score). Raises after waiting too long for the lock."""
         ...
 
+    def place_many_lock(
+        self, wants: list[tuple[str, Demand]], threshold: float, policy: str, settle: float
+    ) -> tuple[Lock, list[tuple[str | None, float]]]:
+        """Take the placement lock and choose a node for each (deployment id, demand), allocating
+        each on its node as it goes so the next choice counts it (policies ``min`` and ``max``):
+        (lock, [(node id or None, its score)] in order). The caller releases the allocation of a
+        deployment whose registry write is refused."""
+        ...
+
     def snapshot(self, settle: float) -> list[NodeView]: ...
 
     def node_hashes(self) -> dict[str, dict[str, str]]: ...
@@ -176,6 +195,11 @@ class Dispatcher(Protocol):
     def run(self, doc: Doc, demand: Demand | None, lock: Lock | None) -> None:
         """Record the allocation, release ``lock`` and send the run order (one round trip
         where the adapters allow)."""
+        ...
+
+    def run_many(self, docs: list[Doc], lock: Lock | None) -> None:
+        """Release ``lock`` and send the run orders of deployments whose allocations are recorded
+        (one round trip where the adapters allow)."""
         ...
 
     def kill(self, doc: Doc, reason: str) -> None: ...

@@ -1,4 +1,5 @@
-"""Flower, started by `dm up`, seen in a real headless Chromium: every node, the run tasks, and\nthe control store's health on a node's page.
+"""Flower, started by `dm up`, seen in a real headless Chromium: every node, the run tasks, and
+the control store's health on a node's page.
 
 Needs Debian's `chromium` and `chromium-driver` (scripts/ci-deps.sh installs them); the
 test fails, never skips, without them. The screenshot lands in the test's tmp_path and

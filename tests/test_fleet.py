@@ -62,6 +62,49 @@ def test_the_one_call_decision_is_the_balancers_choice(r: redis.Redis, policy: s
     assert placed > 50 and refused > 20  # both outcomes were exercised
 
 
+@pytest.mark.parametrize("policy", ["min", "max"])
+def test_many_decided_in_one_call_land_where_one_by_one_would(r: redis.Redis, policy: str) -> None:
+    # Given random fleets, and a batch of demands for each
+    rng = random.Random(11)
+    placed = refused = 0
+    for _ in range(60):
+        random_fleet(r, rng)
+        wants = [(f"new-{i}", Demand(rng.choice([0.05, 0.2, 0.5]), rng.choice([16, 128, 512]))) for i in range(8)]
+        threshold = rng.choice([50.0, 80.0, 95.0])
+        saved = {key: r.dump(key) for key in r.keys("*")}
+        # When they are placed one by one (decide, then allocate), and again in one call
+        one_by_one = []
+        for dep_id, demand in wants:
+            answer = fleet.decide(r, "t", demand, threshold, policy, settle=3.0, lock_seconds=5)
+            fleet.unlock(r, "t")
+            one_by_one.append(answer[1] if answer[0] == "ok" else None)
+            if answer[0] == "ok":
+                fleet.allocate(r, answer[1], dep_id, demand)
+        after_one_by_one = fleet.snapshot(r, 3.0)
+        r.flushdb()
+        for key, value in saved.items():
+            r.restore(key, 0, value)
+        batch = fleet.decide_many(r, "t", wants, threshold, policy, settle=3.0, lock_seconds=5)
+        # Then the lock is held, each lands on the same node, and the fleet's figures agree
+        assert batch is not None and r.get(k.PLACEMENT_LOCK) == "t"
+        fleet.unlock(r, "t")
+        assert [node or None for node, _ in batch] == one_by_one
+        assert fleet.snapshot(r, 3.0) == after_one_by_one
+        placed += sum(1 for n in one_by_one if n)
+        refused += sum(1 for n in one_by_one if not n)
+    assert placed > 50 and refused > 20  # both outcomes were exercised
+
+
+def test_many_decided_wait_for_the_lock_as_one_does(r: redis.Redis) -> None:
+    fleet.register_node(r, "1", cpus=1, memory=1024, state="up")
+    assert fleet.decide(r, "a", Demand(0.1, 64), 80.0, "min", 3.0, 5)[0] == "ok"
+    assert fleet.decide_many(r, "b", [("x", Demand(0.1, 64))], 80.0, "min", 3.0, 5) is None
+    assert fleet.allocations(r, "1") == {}  # nothing allocated without the lock
+    fleet.unlock(r, "a")
+    assert fleet.decide_many(r, "b", [("x", Demand(0.1, 64))], 80.0, "min", 3.0, 5) == [("1", pytest.approx(0.0))]
+    assert set(fleet.allocations(r, "1")) == {"x"}
+
+
 def test_the_decision_takes_the_lock_and_waits_for_its_holder(r: redis.Redis) -> None:
     fleet.register_node(r, "1", cpus=1, memory=1024, state="up")
     assert fleet.decide(r, "a", Demand(0.1, 64), 80.0, "min", 3.0, 5)[0] == "ok"

@@ -81,6 +81,19 @@ class CeleryDispatcher:
         if not queued:
             sender().send([run_order(doc)])
 
+    def run_many(self, docs: list[Doc], lock: Lock | None) -> None:
+        from dm.app import app
+
+        pipe = self.r.pipeline(transaction=False)
+        if lock is not None:
+            lock.release(pipe)
+        orders = [run_order(doc) for doc in docs]
+        same = app.conf.broker_url == redis_conn.broker_url(self.redis_url)
+        queued = bool(orders) and same and sender().push(pipe, orders)
+        pipe.execute()
+        if orders and not queued:
+            sender().send(orders)
+
     def kill(self, doc: Doc, reason: str) -> None:
         from dm.app import app
 

@@ -97,15 +97,27 @@ class MemoryStore:
         seen(before)
         return _public(doc)
 
-    def compare_and_set_many(self, docs: list[Doc], state: str, *, reason: str, fields: dict[str, Any]) -> list[Doc]:
+    def compare_and_set_many(
+        self,
+        docs: list[Doc],
+        state: str,
+        *,
+        reason: str,
+        fields: dict[str, Any],
+        each: list[dict[str, Any]] | None = None,
+        new_generation: bool = False,
+    ) -> list[Doc]:
         self._check()
         moved = []
-        for doc in docs:
+        for i, doc in enumerate(docs):
             stored = self.docs.get(doc["_id"])
             if stored is None or stored["rev"] != doc["rev"]:
                 continue  # it moved on since it was read
-            stored.update(fields)
             stored.update(state=state, reason=reason, updated_at=time.time(), rev=stored["rev"] + 1)
+            stored.update(fields)
+            stored.update(each[i] if each else {})
+            if new_generation:
+                stored["generation"] += 1
             event = event_of(stored)
             stored.setdefault("history", []).append(event)
             self.events.append(dict(event))
@@ -286,6 +298,22 @@ class MemoryFleet:
             return lock, None, None
         return lock, chosen.id, balancer.score(chosen)
 
+    def place_many_lock(
+        self, wants: list[tuple[str, Demand]], threshold: float, policy: str, settle: float
+    ) -> tuple[_Lock, list[tuple[str | None, float]]]:
+        token = self.try_lock("placement", 30.0)
+        if token is None:
+            raise RuntimeError("the placement lock is held (a unit test left it taken)")
+        picks: list[tuple[str | None, float]] = []
+        for dep_id, demand in wants:
+            chosen = balancer.choose(self.snapshot(settle), demand, threshold, policy)
+            if chosen is None:
+                picks.append((None, 0.0))
+            else:
+                self.allocate(chosen.id, dep_id, demand)
+                picks.append((chosen.id, balancer.score(chosen)))
+        return _Lock(self, "placement", token), picks
+
     def snapshot(self, settle: float) -> list[NodeView]:
         return [self._view(i, n, settle) for i, n in sorted(self.nodes.items())]
 
@@ -386,6 +414,11 @@ class MemoryDispatcher:
         if lock is not None:
             lock.release()
         self.orders.append(("run", doc["_id"], doc["node"], doc["generation"]))
+
+    def run_many(self, docs: list[Doc], lock: Any) -> None:
+        if lock is not None:
+            lock.release()
+        self.orders += [("run", doc["_id"], doc["node"], doc["generation"]) for doc in docs]
 
     def kill(self, doc: Doc, reason: str) -> None:
         self.orders.append(("kill", doc["_id"], doc.get("node"), doc["generation"]))

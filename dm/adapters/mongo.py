@@ -101,14 +101,24 @@ class MongoDeployments:
             doc = None  # changed since it was read: read again and decide again
         return None
 
-    def compare_and_set_many(self, docs: list[Doc], state: str, *, reason: str, fields: dict[str, Any]) -> list[Doc]:
+    def compare_and_set_many(
+        self,
+        docs: list[Doc],
+        state: str,
+        *,
+        reason: str,
+        fields: dict[str, Any],
+        each: list[dict[str, Any]] | None = None,
+        new_generation: bool = False,
+    ) -> list[Doc]:
         if not docs:
             return []
         now = time.time()
+        step = 1 if new_generation else 0
         news, ops = [], []
-        for doc in docs:
-            sets = {"state": state, "reason": reason, "updated_at": now, **fields}
-            new = {**doc, **sets, "rev": doc["rev"] + 1}
+        for i, doc in enumerate(docs):
+            sets = {"state": state, "reason": reason, "updated_at": now, **fields, **(each[i] if each else {})}
+            new = {**doc, **sets, "rev": doc["rev"] + 1, "generation": doc["generation"] + step}
             new.pop("history", None)
             news.append(new)
             event = event_of(new)
@@ -118,7 +128,10 @@ class MongoDeployments:
                 else {"history": event}
             )
             ops.append(
-                UpdateOne({"_id": doc["_id"], "rev": doc["rev"]}, {"$set": sets, "$inc": {"rev": 1}, "$push": push})
+                UpdateOne(
+                    {"_id": doc["_id"], "rev": doc["rev"]},
+                    {"$set": sets, "$inc": {"rev": 1, "generation": step} if step else {"rev": 1}, "$push": push},
+                )
             )
         result = self.col.bulk_write(ops, ordered=False)
         if result.modified_count == len(ops):

@@ -62,6 +62,17 @@ class RedisFleet:
             return lock, answer[1], float(answer[2])
         return lock, None, None
 
+    def place_many_lock(
+        self, wants: list[tuple[str, Demand]], threshold: float, policy: str, settle: float
+    ) -> tuple[PlacementLock, list[tuple[str | None, float]]]:
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + LOCK_WAIT
+        while (answer := fleet.decide_many(self.r, token, wants, threshold, policy, settle, LOCK_TTL)) is None:
+            if time.monotonic() > deadline:
+                raise LockError(f"the placement lock {k.PLACEMENT_LOCK} was held for over {LOCK_WAIT:g}s; try again")
+            time.sleep(0.002)
+        return PlacementLock(self.r, token), [(node or None, score) for node, score in answer]
+
     def snapshot(self, settle: float) -> list[NodeView]:
         return fleet.snapshot(self.r, settle)
 

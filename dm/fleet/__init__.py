@@ -17,6 +17,7 @@ from dm.fleet.allocations import (
     allocations,
     clear_allocations,
     decide,
+    decide_many,
     reindex,
     release,
     snapshot,
@@ -38,7 +39,8 @@ from dm.fleet.liveness import (
 )
 
 __all__ = [
-    "DECIDE_POLICIES", "INDEX_SETTLE", "allocate", "allocations", "clear_allocations", "decide", "leases",
+    "DECIDE_POLICIES", "INDEX_SETTLE", "allocate", "allocations", "clear_allocations", "decide", "decide_many",
+    "leases",
     "node_hashes", "node_ids", "observe", "presence_name", "present_nodes", "publish", "publish_many",
     "redis_client", "register_node", "reindex", "release", "remove_node", "set_state", "snapshot", "unlock",
 ]  # fmt: skip

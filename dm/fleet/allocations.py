@@ -13,7 +13,7 @@ import redis
 from dm import constants as c
 from dm import keys as k
 from dm.balancer import NodeView
-from dm.fleet.scripts import _ALLOCATE, _DECIDE, _INDEX, _RELEASE, _SNAPSHOT, _UNLOCK, _script
+from dm.fleet.scripts import _ALLOCATE, _DECIDE, _DECIDE_MANY, _INDEX, _RELEASE, _SNAPSHOT, _UNLOCK, _script
 from dm.models import Demand
 
 #: seconds a reservation counts after the node's last sample, as the index computes scores
@@ -41,6 +41,30 @@ def decide(
     args = [token, int(lock_seconds * 1000), settle, repr(demand.cpu), repr(demand.memory), threshold, policy,
             k.NODE, k.ALLOC, k.RECENT]  # fmt: skip
     return [str(x) for x in _script(r, _DECIDE)(keys=keys, args=args)]
+
+
+def decide_many(
+    r: redis.Redis,
+    token: str,
+    wants: list[tuple[str, Demand]],
+    threshold: float,
+    policy: str,
+    settle: float,
+    lock_seconds: float,
+) -> list[tuple[str, float]] | None:
+    """Take the placement lock (as ``token``) and place each (deployment id, demand) in one call,
+    allocating as it goes; see ``_DECIDE_MANY``. None when the lock is held; else for each in
+    order (node id, score), or ("", 0.0) where none fits."""
+    keys = [k.NODES, k.PLACEMENT_LOCK, k.PLACEMENT_INDEX, k.PLACEMENT_SETTLE]
+    args: list[Any] = [token, int(lock_seconds * 1000), settle, threshold, policy, k.NODE, k.ALLOC, k.RECENT,
+                       repr(time.time())]  # fmt: skip
+    for dep_id, demand in wants:
+        args += [dep_id, repr(demand.cpu), repr(demand.memory)]
+    answer = [str(x) for x in _script(r, _DECIDE_MANY)(keys=keys, args=args)]
+    if answer[0] == "locked":
+        return None
+    rest = answer[1:]
+    return [(rest[i], float(rest[i + 1]) if rest[i + 1] else 0.0) for i in range(0, len(rest), 2)]
 
 
 def unlock(r: redis.Redis, token: str, pipe: Any = None, key: str = k.PLACEMENT_LOCK) -> None:

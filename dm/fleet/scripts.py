@@ -16,10 +16,11 @@ def _lua(name: str, prelude: str = "") -> str:
 
 
 #: the scripts, read once per process and registered once per client (see ``_script``)
-_ALLOCATE = _lua("allocate.lua")
+_ALLOCATE = _lua("allocate.lua", prelude="node.lua")
 _RELEASE = _lua("release.lua")
 _SNAPSHOT = _lua("snapshot.lua", prelude="node.lua")
 _DECIDE = _lua("decide.lua", prelude="node.lua")
+_DECIDE_MANY = _lua("decide_many.lua", prelude="node.lua")
 _UNLOCK = _lua("unlock.lua")
 _INDEX = _lua("index.lua", prelude="node.lua")
 _OBSERVE = _lua("observe.lua")

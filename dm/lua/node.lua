@@ -62,3 +62,74 @@ local function reindex(index, node_pattern, alloc_pattern, recent_pattern, settl
     redis.call('ZREM', index, id)
   end
 end
+-- build the placement index when it is missing (a new store) or scored for another settle time
+local function ensure_index(nodes, index, settle_key, settle, node_pattern, alloc_pattern, recent_pattern)
+  if redis.call('ZCARD', index) == 0 or tonumber(redis.call('GET', settle_key) or '-1') ~= settle then
+    redis.call('SET', settle_key, tostring(settle))
+    redis.call('DEL', index)
+    for _, id in ipairs(redis.call('SMEMBERS', nodes)) do
+      reindex(index, node_pattern, alloc_pattern, recent_pattern, settle, id)
+    end
+  end
+end
+-- choose a node for a demand by the policies min (want_max false) or max: its id and score, or nil.
+-- The index holds every node that takes work by its score, kept current by every change of a
+-- node's figures (a sample, an allocation, a release, a state: see dm/fleet), so the nodes are
+-- read in score order and the walk ends at the first that fits, once the nodes of the same score
+-- are seen (ties go to fewer deployments, then the lower id): the cost is that of the nodes too
+-- full for this demand, not of the fleet.
+local function choose(index, settle, dcpu, dmem, limit, want_max, node_pattern, alloc_pattern, recent_pattern)
+  local best, bscore, bn
+  local start, batch, done = 0, 32, false
+  while not done do
+    local page
+    if want_max then
+      page = redis.call('ZREVRANGE', index, start, start + batch - 1, 'WITHSCORES')
+    else
+      page = redis.call('ZRANGE', index, start, start + batch - 1, 'WITHSCORES')
+    end
+    if #page == 0 then break end
+    for i = 1, #page, 2 do
+      local id, indexed = page[i], tonumber(page[i + 1])
+      if best and indexed ~= bscore then done = true break end
+      local key, row = read_node(node_pattern, id)
+      local f = figures(key, row, id, settle, alloc_pattern, recent_pattern, true)
+      if not f then
+        redis.call('ZREM', index, id)  -- a node that takes no work any more
+      else
+        if f.score ~= indexed then redis.call('ZADD', index, f.score, id) end
+        if f.ecpu + pct(dcpu, f.cpus) <= limit and f.eram + pct(dmem, f.memory) <= limit then
+          if not best or f.score ~= bscore then
+            if not best then best, bscore, bn = id, f.score, f.n end
+          elseif f.n < bn or (f.n == bn and id < best) then
+            best, bn = id, f.n
+          end
+        end
+      end
+    end
+    start = start + batch
+  end
+  return best, bscore
+end
+-- record a deployment's demand on a node: its alloc hash, node hash and recent set. The node
+-- hash keeps running totals: alloc_* of every allocation, res_* of the recent ones.
+local function allocate(akey, nkey, rkey, dep, cpu, memory, ts, record)
+  local old = redis.call('HGET', akey, dep)
+  if old then
+    local a = cjson.decode(old)
+    redis.call('HINCRBYFLOAT', nkey, 'alloc_cpu', tostring(-a.cpu))
+    redis.call('HINCRBYFLOAT', nkey, 'alloc_memory', tostring(-a.memory))
+    if redis.call('ZREM', rkey, dep) == 1 then
+      redis.call('HINCRBYFLOAT', nkey, 'res_cpu', tostring(-a.cpu))
+      redis.call('HINCRBYFLOAT', nkey, 'res_memory', tostring(-a.memory))
+    end
+  else
+    redis.call('HINCRBY', nkey, 'alloc_n', 1)
+  end
+  redis.call('HSET', akey, dep, record)
+  redis.call('HINCRBYFLOAT', nkey, 'alloc_cpu', cpu)
+  redis.call('HINCRBYFLOAT', nkey, 'alloc_memory', memory)
+  redis.call('ZADD', rkey, ts, dep)
+  redis.call('HINCRBYFLOAT', nkey, 'res_cpu', cpu)
+  redis.call('HINCRBYFLOAT', nkey, 'res_memory', memory)
+end

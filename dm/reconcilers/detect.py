@@ -193,6 +193,5 @@ def move_deployments(
     lost = transition_many(ports, [d for d in docs if d["state"] in ACTIVE], D.LOST, actor=Actor.CONTROL,
                            reason=reason)  # fmt: skip
     ports.fleet.clear_allocations(node_id)
-    for doc in lost:
-        deployer.place_or_grow(ports, doc)
+    deployer.place_many(ports, lost)  # in batches: one script, one bulk write, one pipeline each
     return len(lost)

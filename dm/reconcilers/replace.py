@@ -7,9 +7,10 @@
 - ``pending`` and ``lost`` deployments are placed; when none fits, a node is added (up to
   ``max_nodes``) and they are placed on it while it starts.
 
-Each deployment is placed on its own: one that cannot fit never holds up the others; a
-demand that did not fit in this pass is not tried again in it for deployments that ask
-as much or more (they cannot fit either), so a pass costs one failed decision per size.
+A backlog is placed in batches (one script, one bulk write, one pipeline per hundred); one
+that cannot fit never holds up the others; a demand that did not fit in this pass is not
+tried again in it for deployments that ask as much or more (they cannot fit either), so a
+pass costs one failed decision per size.
 """
 
 from __future__ import annotations
@@ -69,11 +70,24 @@ def retry_unstarted(ports: Ports, now: float) -> int:
 
 
 def place_waiting(ports: Ports) -> int:
-    """Place ``pending`` and ``lost`` deployments, each on its own; returns how many were placed."""
+    """Place ``pending`` and ``lost`` deployments; returns how many were placed. A backlog goes
+    in batches (:func:`dm.deployer.place_many`) while they find room; once one does not, the
+    rest go one by one, skipping demands as large as one that found none."""
+    waiting = ports.store.waiting(BATCH)
     placed = 0
     misfits: list[Demand] = []  # demands that found no room in this pass, even after adding a node
-    for doc in ports.store.waiting(BATCH):
+    start = 0
+    while start < len(waiting):
+        doc = waiting[start]
+        if not misfits and len(waiting) - start > 1:
+            batch = waiting[start : start + deployer.PLACE_BATCH]
+            results = deployer.place_many(ports, batch)
+            placed += sum(1 for d in results if d["state"] == D.SCHEDULED)
+            misfits += [Demand.from_dict(d["demand"]) for d in results if d["state"] == D.PENDING]
+            start += len(batch)
+            continue
         demand = Demand.from_dict(doc["demand"])
+        start += 1
         if any(demand.cpu >= m.cpu and demand.memory >= m.memory for m in misfits):
             continue
         if deployer.place_or_grow(ports, doc)["state"] == D.SCHEDULED:

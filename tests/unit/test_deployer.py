@@ -128,3 +128,46 @@ def test_args_the_registry_cannot_store_or_the_environment_cannot_carry_are_refu
     with pytest.raises(InvalidArgs, match=re.escape(says)):
         deployer.deploy(ports, DeployRequest(algorithm="hello", args=args))
     assert ports.store.docs == {}
+
+
+def pending(ports: MemoryPorts, name: str, count: int) -> list[dict]:
+    """Deployments recorded ``pending`` (as a backlog, or a dead node's once ``lost``)."""
+    from dm.lifecycle import new_deployment
+
+    algorithm = ports.catalogue.algorithm(name)
+    return [ports.store.create(new_deployment(DeployRequest(algorithm=name), algorithm))[0] for _ in range(count)]
+
+
+def test_a_batch_is_placed_as_one_by_one_would_and_never_past_the_threshold(ports: MemoryPorts) -> None:
+    # Given three waiting deployments of 0.5 cpu, two 1-cpu nodes (80%: one each) and no node to add
+    ports.provider.starts_nodes = False
+    docs = pending(ports, "big", 3)
+    # When they are placed as a batch
+    placed = deployer.place_many(ports, docs)
+    # Then one lands on each node in a new generation, with its run order; the third waits
+    assert [d["state"] for d in placed] == ["scheduled", "scheduled", "pending"]
+    assert sorted(d["node"] for d in placed[:2]) == ["1", "2"] and all(d["generation"] == 1 for d in placed[:2])
+    assert "waiting for room" in placed[2]["reason"]
+    assert sorted(ports.dispatcher.runs()) == sorted((d["_id"], d["node"], 1) for d in placed[:2])
+    assert {n: set(ports.fleet.allocations(n)) for n in ("1", "2")} == {d["node"]: {d["_id"]} for d in placed[:2]}
+    assert [e["state"] for e in ports.store.history(placed[0]["_id"])] == ["pending", "scheduled"]
+    assert placed[0]["reason"].startswith(f"placed on node-{placed[0]['node']} (load ")
+    assert "placement" not in ports.fleet.locks  # the lock was released
+
+
+def test_a_deployment_that_moved_on_meanwhile_keeps_no_allocation_from_a_batch(ports: MemoryPorts) -> None:
+    docs = pending(ports, "hello", 3)
+    deployer.stop(ports, docs[1]["_id"])  # stopped after the batch was read
+    placed = deployer.place_many(ports, docs)
+    assert [d["state"] for d in placed] == ["scheduled", "stopped", "scheduled"]
+    held = {dep for n in ("1", "2") for dep in ports.fleet.allocations(n)}
+    assert held == {docs[0]["_id"], docs[2]["_id"]}
+    assert docs[1]["_id"] not in {dep for dep, _, _ in ports.dispatcher.runs()}
+
+
+def test_a_batch_that_places_must_name_each_node(ports: MemoryPorts) -> None:
+    from dm.lifecycle import Actor, IllegalTransition, transition_many
+
+    docs = pending(ports, "hello", 2)
+    with pytest.raises(IllegalTransition, match="names each deployment's node"):
+        transition_many(ports, docs, "scheduled", actor=Actor.CONTROL, reason="placed")
