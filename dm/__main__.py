@@ -1,3 +1,3 @@
-from dm.cli import main
+from dm.cli import program
 
-raise SystemExit(main())
+program()

@@ -532,11 +532,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: set by :func:`main` for a command that only reads (see :func:`program`)
+_reads_only = False
+
+
+def program() -> None:
+    """The ``dm`` command: :func:`main`, then the exit. A command that only reads ends as soon as
+    its output is written: the MongoDB client's monitor threads would otherwise hold the exit
+    for up to half a second (PyMongo joins them at exit, and they wake every 0.5 s), more than
+    `dm status` takes to read."""
+    code = main()
+    if _reads_only:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:
+            pass
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _reads_only
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["node"]:  # the agent parses its own options (`dm node --cpus 2 ...`)
         return cmd_node(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
+    _reads_only = args.func in (cmd_status, cmd_nodes, cmd_deployments, cmd_events, cmd_logs, cmd_algorithms_list)
     try:
         return int(args.func(args))
     except (UnknownAlgorithm, UnknownDeployment) as exc:
