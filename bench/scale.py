@@ -3,12 +3,15 @@
 For each (N, D), a private embedded stack, a real control worker (``celery -A dm worker
 -Q dm.control``, as tests/system.py starts it), and one hollow process of N nodes
 (``dm node --hollow N``), each node 16 cores / 64 GiB. No beat: this process runs the
-heartbeat check itself every 0.5 s (``dm.heartbeat.check``, timed). Then:
+reconcilers itself every 0.5 s, each pass timed: the failure detector (``dm.detect``) in a
+thread of its own, placement and scaling (``dm.replace``, ``dm.scale``) in another, as beat's
+separate tasks run on the control worker's threads. Then:
 
 - D background deployments, recorded ``running`` in bulk (documents as the registry makes
   them, with their events, and their allocations in Redis) on all nodes but two, and 50
   and 500 on the two victims (when D allows);
-- quiet heartbeat passes: p50 / p99 of ``check`` while nothing changes;
+- quiet reconciler passes: p50 / p99 over the passes of each (detect, replace, scale) while
+  nothing changes;
 - ``dm status --json`` and ``dm deployments --json`` (first page) as a user runs them (a new
   process each: interpreter start included), and the functions behind them in-process;
 - failover: the victim with 50 deployments killed (its presence connection and lease stop,
@@ -18,7 +21,7 @@ heartbeat check itself every 0.5 s (``dm.heartbeat.check``, timed). Then:
 - a burst of ``--burst`` deploys through ``deploy.delay`` (the control worker places each,
   the hollow node reports ``running`` through its outbox): deploys/s (requests sent until
   the last result) and deploy -> running p50 / p99 (send until the ``running`` event);
-  the heartbeat passes during the burst (p50 / p99);
+  the reconciler passes during the burst (p50 / p99);
 - the control worker's RSS, Redis memory, the registry's size.
 
 Each row is shown beside the N=50 row of the same run (same D). Goals are those of issue
@@ -66,11 +69,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Beat(threading.Thread):
-    """The heartbeat check every 0.5 s in this process, each pass timed."""
+    """Reconcilers every 0.5 s in this process, each pass timed: the failure detector in a
+    thread of its own, the others in another, as beat's separate tasks run on the control
+    worker's threads (a long placement pass never delays the detector)."""
 
-    def __init__(self, ctl: Any, stopping: threading.Event) -> None:
-        super().__init__(name="bench-beat", daemon=True)
-        self.ctl, self.stopping = ctl, stopping
+    def __init__(self, ctl: Any, stopping: threading.Event, which: tuple[str, ...] = ("detect",)) -> None:
+        super().__init__(name=f"bench-beat-{'-'.join(which)}", daemon=True)
+        self.ctl, self.stopping, self.which = ctl, stopping, which
         self.passes: list[float] = []
         self.errors = 0
 
@@ -79,12 +84,14 @@ class Beat(threading.Thread):
 
         while not self.stopping.is_set():
             started = time.perf_counter()
-            try:
-                reconcilers.run_all(self.ctl.ports)
-                self.passes.append(time.perf_counter() - started)
-            except Exception as exc:  # keep beating: a pass cut short is counted and shown
-                self.errors += 1
-                print(f"heartbeat pass failed: {exc!r}", file=sys.stderr)
+            for name in self.which:
+                t0 = time.perf_counter()
+                try:
+                    getattr(reconcilers, name).run(self.ctl.ports)
+                    self.passes.append(time.perf_counter() - t0)
+                except Exception as exc:  # keep beating: a pass cut short is counted and shown
+                    self.errors += 1
+                    print(f"{name} pass failed: {exc!r}", file=sys.stderr)
             self.stopping.wait(max(0.0, HEARTBEAT_EVERY - (time.perf_counter() - started)))
 
 
@@ -256,11 +263,12 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         # quiet passes (nothing changes), then the beat for the rest of the run
         from dm import reconcilers
 
-        quiet = []
+        quiet = []  # each reconciler's pass timed on its own, as beat runs them
         for _ in range(passes):
-            t0 = time.perf_counter()
-            reconcilers.run_all(ctl.ports)
-            quiet.append(time.perf_counter() - t0)
+            for name in ("detect", "replace", "scale"):
+                t0 = time.perf_counter()
+                getattr(reconcilers, name).run(ctl.ports)
+                quiet.append(time.perf_counter() - t0)
             time.sleep(0.2)
         row["pass_p50_ms"] = round(percentile(quiet, 50) * 1000, 1)
         row["pass_p99_ms"] = round(percentile(quiet, 99) * 1000, 1)
@@ -271,7 +279,9 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         row["deployments_fn_s"] = timed(lambda: list_deployments(ctl))
 
         beat = Beat(ctl, h.stopping)
+        others = Beat(ctl, h.stopping, ("replace", "scale"))
         beat.start()
+        others.start()
         pids = {server.name: server.pid for server in h.stack.servers}
         pids |= {"control worker": control.pid, "hollow": hollow.pid, "benchmark (heartbeat, polling)": os.getpid()}
         for victim, count in zip(victims, VICTIMS, strict=False):
@@ -288,7 +298,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         from dm.tasks import deploy
 
         deploy.delay(ALGORITHM).get(timeout=60)  # warm: connections, caches
-        burst_from = len(beat.passes)
+        burst_from, others_from = len(beat.passes), len(others.passes)
         sent: list[tuple[float, Any]] = []
         t0 = time.time()
         for _ in range(burst):
@@ -303,7 +313,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
             "the burst running",
             0.5,
         )
-        burst_passes = beat.passes[burst_from:]
+        burst_passes = beat.passes[burst_from:] + others.passes[others_from:]
         runs = {}
         for doc in ctl.registry.deployments.find({"_id": {"$in": dep_ids}}, {"history": 1}):
             runs[doc["_id"]] = min(e["time"] for e in doc["history"] if e["state"] == "running")
@@ -313,7 +323,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
 
         row["burst_pass_p50_ms"] = round(percentile(burst_passes, 50) * 1000, 1) if burst_passes else None
         row["burst_pass_p99_ms"] = round(percentile(burst_passes, 99) * 1000, 1) if burst_passes else None
-        row["beat_errors"] = beat.errors
+        row["beat_errors"] = beat.errors + others.errors
         row["control_rss_mib"] = round(psutil.Process(control.pid).memory_info().rss / 2**20, 1)
         row["hollow_rss_mib"] = round(psutil.Process(hollow.pid).memory_info().rss / 2**20, 1)
         row["redis_mib"] = round(int(ctl.redis.info("memory")["used_memory"]) / 2**20, 1)
@@ -321,6 +331,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         row["registry_mib"] = round((stats.get("dataSize", 0) + stats.get("indexSize", 0)) / 2**20, 1)
         h.stopping.set()
         beat.join(10)
+        others.join(10)
         os.kill(hollow.pid, signal.SIGKILL)  # no handover of thousands of deployments at the end
     return row
 
@@ -396,8 +407,10 @@ def report(rows: list[dict[str, Any]]) -> str:
             cpu.append(f"- N={r['nodes']}, D={r['deployments']}: {f['all_running_s']:.1f} s of wall time; {spent}")
     return (
         "Hollow nodes (`dm node --hollow N`, 16 cores / 64 GiB each) and D background deployments recorded "
-        "`running` in bulk; a real control worker; the heartbeat check run and timed in the benchmark "
-        "process every 0.5 s. Baseline: the N=50 row of the same run and D (ratios in brackets). "
+        "`running` in bulk; a real control worker; the reconcilers run and timed in the benchmark "
+        "process every 0.5 s (the failure detector in a thread of its own, placement and scaling in "
+        "another, as beat's separate tasks run; a pass figure is one reconciler's pass). "
+        "Baseline: the N=50 row of the same run and D (ratios in brackets). "
         "Failover: from the kill of one hollow node (presence and lease, as `kill -9`) until all its "
         "deployments run elsewhere. `dm status` / `dm deployments`: a new process each (the interpreter's "
         "start included), and in brackets the reading functions alone.\n\n"

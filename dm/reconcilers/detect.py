@@ -148,9 +148,8 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
         seen = float(obs.detector.get("seen") or now)
         detector.update(outage_at=repr(seen), outage_seconds=repr(round(now - seen, 3)), outage=v.blind_reason)
     f.set_marks(k.DETECTOR, detector)
-    moved = sum(
-        fail_over(ports, node_id, reason, now, silent=node_id in v.silent) for node_id, reason in sorted(v.dead.items())
-    )
+    won = [(n, reason) for n, reason in sorted(v.dead.items()) if declare_dead(ports, n, reason, now, n in v.silent)]
+    moved = sum(move_off(ports, n, reason, now, n in v.silent) for n, reason in won)
     if moved:  # a long fail-over is this pass at work, not the control plane away
         f.set_marks(k.DETECTOR, {"seen": repr(max(now, time.time()))})
     f.put(k.HEARTBEAT_LAST, repr(time.time()))
@@ -158,20 +157,34 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
 
 
 def fail_over(ports: Ports, node_id: str, reason: str, now: float | None = None, silent: bool = False) -> int:
-    """Mark a node dead and place its deployments again; returns how many moved. One checker
-    wins the node's compare-and-set; the others only bring the fleet's copy of its state along.
-    After a ``silent`` failure (a verdict by the lease: the node may be alive and cut off,
-    running its algorithms; a process that died, or whose connection closed, took its
-    children with it), a deployment that asked to keep running on a cut-off node
-    (``keep_for``) is moved that long after the verdict (by :mod:`dm.reconcilers.replace`):
-    its node kills it before then."""
+    """Mark a node dead and place its deployments again; returns how many moved (see
+    :func:`declare_dead` and :func:`move_off`)."""
     now = time.time() if now is None else now
+    if not declare_dead(ports, node_id, reason, now, silent):
+        return 0
+    return move_off(ports, node_id, reason, now, silent)
+
+
+def declare_dead(ports: Ports, node_id: str, reason: str, now: float, silent: bool = False) -> bool:
+    """Mark a node dead: True for the checker that wins the node's compare-and-set; the others
+    only bring the fleet's copy of its state along. A pass declares all its dead nodes before
+    it moves the deployments of any, so each verdict is recorded as soon as it is made."""
     if not set_node_state(ports, node_id, NodeState.DEAD, expect=(*LIVE_NODE, NodeState.STOPPING)):
         ports.fleet.set_state(node_id, NodeState.DEAD)  # another checker won: bring the copy along
-        return 0
+        return False
     log.warning("%s: failing over its deployments", reason)
     if silent:
         ports.fleet.set_marks(k.DEAD_SINCE, {node_id: repr(now)})
+    return True
+
+
+def move_off(ports: Ports, node_id: str, reason: str, now: float, silent: bool = False) -> int:
+    """Place the deployments of a node just declared dead again. After a ``silent`` failure (a
+    verdict by the lease: the node may be alive and cut off, running its algorithms; a process
+    that died, or whose connection closed, took its children with it), a deployment that asked
+    to keep running on a cut-off node (``keep_for``) is moved that long after the verdict (by
+    :mod:`dm.reconcilers.replace`): its node kills it before then."""
+    if silent:
         return move_deployments(ports, node_id, reason, held_since=now, now=now)
     return move_deployments(ports, node_id, reason)
 
