@@ -56,6 +56,12 @@ DETECTOR = "dm:detector"
 #: hash: node id -> time it was declared dead by its lease (a silent failure): deployments that
 #: asked to keep running on a cut-off node (``keep_for``) move that long after it
 DEAD_SINCE = "dm:dead_since"
+#: set: the registered nodes in state ``dead`` (kept by every writer of a node's state), so a
+#: pass finds them without reading the fleet
+DEAD_NODES = "dm:nodes:dead"
+#: hash: node id -> time the deployments of a dead node were all moved off (or found none):
+#: later passes skip it until it rejoins
+MOVED_OFF = "dm:moved_off"
 #: string: time of the last completed failure-detector pass (the check-lag metric)
 HEARTBEAT_LAST = "dm:heartbeat:last"
 

@@ -145,6 +145,14 @@ class Fleet(Protocol):
 
     def node_hashes(self) -> dict[str, dict[str, str]]: ...
 
+    def dead_nodes(self) -> list[str]:
+        """The registered nodes in state ``dead`` (without reading the others)."""
+        ...
+
+    def live_counts(self) -> list[tuple[str, str, int]]:
+        """(node id, state, deployments) of every live node (up, starting, stopping)."""
+        ...
+
     def leases(self, node_ids: Iterable[str]) -> dict[str, bool]: ...
 
     def observe(self) -> dict[str, dict[str, str]]:

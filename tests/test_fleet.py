@@ -136,3 +136,18 @@ def test_running_totals_follow_allocations_and_releases(r: redis.Redis) -> None:
         fleet.release(r, "1", dep)
     (view,) = fleet.snapshot(r, 3.0)
     assert (view.deployments, view.committed_cpu, view.committed_memory, view.reserved_cpu) == (0, 0.0, 0.0, 0.0)
+
+
+def test_the_dead_nodes_are_kept_in_a_set_by_every_writer_of_a_state(r: redis.Redis) -> None:
+    for node in ("1", "2", "3"):
+        fleet.register_node(r, node, cpus=1, memory=1024, state="up")
+    fleet.set_state(r, "2", "dead")
+    fleet.set_state(r, "3", "dead")
+    r.hset(k.MOVED_OFF, mapping={"2": "1.0", "3": "1.0"})
+    assert fleet.dead_nodes(r) == ["2", "3"]
+    assert [(n, s) for n, s, _ in fleet.live_counts(r)] == [("1", "up")]
+    fleet.register_node(r, "2", cpus=1, memory=1024, state="starting")  # it rejoins
+    fleet.remove_node(r, "3")
+    assert fleet.dead_nodes(r) == [] and r.hgetall(k.MOVED_OFF) == {}
+    fleet.allocate(r, "1", "d1", Demand(0.1, 64))
+    assert sorted(fleet.live_counts(r)) == [("1", "up", 1), ("2", "starting", 0)]

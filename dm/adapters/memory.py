@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dm import balancer
+from dm import keys as k
 from dm.balancer import NodeView
 from dm.errors import UnknownAlgorithm, UnknownDeployment
 from dm.lifecycle import ACTIVE, WAITING, D, NodeState, event_of
@@ -326,6 +327,13 @@ class MemoryFleet:
             out[node_id] = h
         return out
 
+    def dead_nodes(self) -> list[str]:
+        return sorted(i for i, n in self.nodes.items() if n.state == "dead")
+
+    def live_counts(self) -> list[tuple[str, str, int]]:
+        live = ("up", "starting", "stopping")
+        return [(i, n.state, len(n.allocs)) for i, n in sorted(self.nodes.items()) if n.state in live]
+
     def observe(self) -> dict[str, dict[str, str]]:
         live = ("up", "starting", "stopping")
         out = {}
@@ -350,6 +358,8 @@ class MemoryFleet:
     def set_state(self, node_id: str, state: str) -> None:
         if node_id in self.nodes:
             self.nodes[node_id].state = str(state)
+        if str(state) != "dead":  # as the Redis fleet: a node back is looked at again when it dies
+            self.hashes.get(k.MOVED_OFF, {}).pop(node_id, None)
 
     def release(self, node_id: str, dep_id: str) -> None:
         if node_id in self.nodes:

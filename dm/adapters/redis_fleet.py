@@ -79,6 +79,12 @@ class RedisFleet:
     def node_hashes(self) -> dict[str, dict[str, str]]:
         return fleet.node_hashes(self.r)
 
+    def dead_nodes(self) -> list[str]:
+        return fleet.dead_nodes(self.r)
+
+    def live_counts(self) -> list[tuple[str, str, int]]:
+        return fleet.live_counts(self.r)
+
     def leases(self, node_ids: Iterable[str]) -> dict[str, bool]:
         return fleet.leases(self.r, node_ids)
 

@@ -24,7 +24,9 @@ from dm.fleet.allocations import (
     unlock,
 )
 from dm.fleet.liveness import (
+    dead_nodes,
     leases,
+    live_counts,
     node_hashes,
     node_ids,
     observe,
@@ -39,8 +41,29 @@ from dm.fleet.liveness import (
 )
 
 __all__ = [
-    "DECIDE_POLICIES", "INDEX_SETTLE", "allocate", "allocations", "clear_allocations", "decide", "decide_many",
+    "DECIDE_POLICIES",
+    "INDEX_SETTLE",
+    "allocate",
+    "allocations",
+    "clear_allocations",
+    "dead_nodes",
+    "decide",
+    "decide_many",
     "leases",
-    "node_hashes", "node_ids", "observe", "presence_name", "present_nodes", "publish", "publish_many",
-    "redis_client", "register_node", "reindex", "release", "remove_node", "set_state", "snapshot", "unlock",
+    "live_counts",
+    "node_hashes",
+    "node_ids",
+    "observe",
+    "presence_name",
+    "present_nodes",
+    "publish",
+    "publish_many",
+    "redis_client",
+    "register_node",
+    "reindex",
+    "release",
+    "remove_node",
+    "set_state",
+    "snapshot",
+    "unlock",
 ]  # fmt: skip

@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import redis
 
 from dm import keys as k
 from dm import redis_conn
 from dm.fleet.allocations import reindex
-from dm.fleet.scripts import _OBSERVE, _script
+from dm.fleet.scripts import _COUNTS, _OBSERVE, _script
 from dm.models import MetricsSample
 
 _clients: dict[str, redis.Redis] = {}
@@ -47,13 +48,35 @@ def register_node(
         },
     )
     pipe.sadd(k.NODES, node_id)
+    _dead_set(pipe, node_id, str(state))
     reindex(r, [node_id], pipe)
     pipe.execute()
+
+
+def _dead_set(pipe: Any, node_id: str, state: str) -> None:
+    """Keep ``dm:nodes:dead`` with the node's state, on ``pipe`` (every writer of a state calls it)."""
+    if state == "dead":
+        pipe.sadd(k.DEAD_NODES, node_id)
+    else:
+        pipe.srem(k.DEAD_NODES, node_id)
+        pipe.hdel(k.MOVED_OFF, node_id)
+
+
+def live_counts(r: redis.Redis) -> list[tuple[str, str, int]]:
+    """(node id, state, deployments) of every live node (up, starting, stopping), in one call."""
+    flat = [str(x) for x in _script(r, _COUNTS)(keys=[k.NODES], args=[k.NODE])]
+    return [(flat[i], flat[i + 1], int(flat[i + 2] or 0)) for i in range(0, len(flat), 3)]
+
+
+def dead_nodes(r: redis.Redis) -> list[str]:
+    """The registered nodes in state ``dead``."""
+    return sorted(str(n) for n in r.smembers(k.DEAD_NODES))  # type: ignore[union-attr]
 
 
 def set_state(r: redis.Redis, node_id: str, state: str) -> None:
     pipe = r.pipeline()
     pipe.hset(k.NODE.format(node_id), "state", str(state))
+    _dead_set(pipe, node_id, str(state))
     reindex(r, [node_id], pipe)
     pipe.execute()
 
@@ -61,6 +84,8 @@ def set_state(r: redis.Redis, node_id: str, state: str) -> None:
 def remove_node(r: redis.Redis, node_id: str) -> None:
     pipe = r.pipeline()
     pipe.srem(k.NODES, node_id)
+    pipe.srem(k.DEAD_NODES, node_id)
+    pipe.hdel(k.MOVED_OFF, node_id)
     pipe.zrem(k.PLACEMENT_INDEX, node_id)
     pipe.delete(k.NODE.format(node_id), k.ALLOC.format(node_id), k.LEASE.format(node_id),
                 k.RECENT.format(node_id))  # fmt: skip

@@ -24,6 +24,7 @@ _DECIDE_MANY = _lua("decide_many.lua", prelude="node.lua")
 _UNLOCK = _lua("unlock.lua")
 _INDEX = _lua("index.lua", prelude="node.lua")
 _OBSERVE = _lua("observe.lua")
+_COUNTS = _lua("counts.lua")
 
 
 def _script(r: redis.Redis, source: str) -> Any:

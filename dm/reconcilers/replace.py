@@ -20,7 +20,7 @@ from typing import Any
 
 from dm import deployer
 from dm import keys as k
-from dm.lifecycle import Actor, D, NodeState, transition
+from dm.lifecycle import Actor, D, transition
 from dm.models import Demand
 from dm.ports import Ports
 from dm.reconcilers.detect import move_deployments
@@ -42,8 +42,14 @@ def finish_fail_overs(ports: Ports, now: float | None = None) -> int:
     """Move what a fail-over left on a dead node: what an outage of MongoDB or Redis cut short,
     and what asked to keep running on a cut-off node once its ``keep_for`` has passed."""
     now = time.time() if now is None else now
-    dead = [n for n, h in ports.fleet.node_hashes().items() if h.get("state") == NodeState.DEAD]
+    moved_off = ports.fleet.marks(k.MOVED_OFF)
+    dead = [n for n in ports.fleet.dead_nodes() if n not in moved_off]  # a node once cleared is not read again
+    if not dead:
+        return 0
     holding = ports.store.nodes_holding(dead)
+    cleared = {n: repr(now) for n in dead if n not in holding}
+    if cleared:
+        ports.fleet.set_marks(k.MOVED_OFF, cleared)
     if not holding:
         return 0
     since = ports.fleet.marks(k.DEAD_SINCE)

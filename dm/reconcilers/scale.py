@@ -21,8 +21,8 @@ def decide(
 ) -> tuple[dict[str, str], list[str], list[str]]:
     """Pure: from (node id, state, deployments) of the live nodes and the idle marks, return
     (marks to set, marks to drop, nodes to stop, in that order of preference)."""
-    busy = [n for n, state, count in views if count > 0 or state == NodeState.STARTING]
-    drop = [n for n in busy if n in idle_since]
+    busy = {n for n, state, count in views if count > 0 or state == NodeState.STARTING}
+    drop = sorted(n for n in busy if n in idle_since)
     idle = sorted((n for n, _, _ in views if n not in busy), key=lambda n: idle_since.get(n, repr(now)))
     marks: dict[str, str] = {}
     stop: list[str] = []
@@ -38,7 +38,7 @@ def decide(
 def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     s = ports.settings
-    views = [(v.id, v.state, v.deployments) for v in ports.fleet.snapshot(s.reservation_settle) if v.state in LIVE_NODE]
+    views = [(n, state, count) for n, state, count in ports.fleet.live_counts() if state in LIVE_NODE]
     idle_since = ports.fleet.marks(k.IDLE_SINCE)
     marks, drop, candidates = decide(views, idle_since, now, s.idle_timeout, s.min_nodes)
     stopped: list[str] = []

@@ -163,6 +163,24 @@ def test_what_a_cut_short_fail_over_left_on_a_dead_node_is_moved(ports: MemoryPo
     assert ports.store.get(doc["_id"])["node"] == "2"
 
 
+def test_a_dead_node_found_empty_is_not_read_again_until_it_rejoins(ports: MemoryPorts) -> None:
+    running_on(ports, "1", 1)
+    ports.nodes.set_node_state("1", "dead")
+    ports.fleet.set_state("1", "dead")
+    asked: list[list[str]] = []
+    holding = ports.store.nodes_holding
+    ports.store.nodes_holding = lambda ids: asked.append(list(ids)) or holding(ids)  # type: ignore[method-assign]
+    assert replace.run(ports)["finished_fail_overs"] == 1  # moved off in this pass
+    replace.run(ports)  # found empty: marked
+    replace.run(ports)
+    replace.run(ports)
+    assert asked == [["1"], ["1"]] and "1" in ports.fleet.marks(k.MOVED_OFF)
+    ports.fleet.set_state("1", "up")  # it rejoined: a later death is looked at again
+    ports.fleet.set_state("1", "dead")
+    replace.run(ports)
+    assert asked[-1] == ["1"]
+
+
 def test_an_unplaceable_deployment_does_not_hold_up_smaller_ones(ports: MemoryPorts) -> None:
     ports.provider.starts_nodes = False
     big = [deploy(ports, "big") for _ in range(3)]  # two fit, the third waits
