@@ -264,7 +264,7 @@ def place_many(ports: Ports, docs: list[Doc]) -> list[Doc]:
     out: list[Doc] = []
     for low in range(0, len(waiting), PLACE_BATCH):
         batch = waiting[low : low + PLACE_BATCH]
-        wants = [(d["_id"], Demand.from_dict(d["demand"])) for d in batch]
+        wants = [(d["_id"], Demand.from_dict(d["demand"]), int(d["generation"]) + 1) for d in batch]
         lock, picks = ports.fleet.place_many_lock(wants, s.threshold, s.policy, s.reservation_settle)
         chosen = [(d, node, score) for d, (node, score) in zip(batch, picks, strict=True) if node is not None]
         moved: dict[str, Doc] = {}

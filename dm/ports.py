@@ -133,9 +133,10 @@ class Fleet(Protocol):
         ...
 
     def place_many_lock(
-        self, wants: list[tuple[str, Demand]], threshold: float, policy: str, settle: float
+        self, wants: list[tuple[str, Demand, int]], threshold: float, policy: str, settle: float
     ) -> tuple[Lock, list[tuple[str | None, float]]]:
-        """Take the placement lock and choose a node for each (deployment id, demand), allocating
+        """Take the placement lock and choose a node for each (deployment id, demand, the
+        generation it is placed in), allocating
         each on its node as it goes so the next choice counts it (policies ``min`` and ``max``):
         (lock, [(node id or None, its score)] in order). The caller releases the allocation of a
         deployment whose registry write is refused."""

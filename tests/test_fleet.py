@@ -69,17 +69,17 @@ def test_many_decided_in_one_call_land_where_one_by_one_would(r: redis.Redis, po
     placed = refused = 0
     for _ in range(60):
         random_fleet(r, rng)
-        wants = [(f"new-{i}", Demand(rng.choice([0.05, 0.2, 0.5]), rng.choice([16, 128, 512]))) for i in range(8)]
+        wants = [(f"new-{i}", Demand(rng.choice([0.05, 0.2, 0.5]), rng.choice([16, 128, 512])), 1) for i in range(8)]
         threshold = rng.choice([50.0, 80.0, 95.0])
         saved = {key: r.dump(key) for key in r.keys("*")}
         # When they are placed one by one (decide, then allocate), and again in one call
         one_by_one = []
-        for dep_id, demand in wants:
+        for dep_id, demand, generation in wants:
             answer = fleet.decide(r, "t", demand, threshold, policy, settle=3.0, lock_seconds=5)
             fleet.unlock(r, "t")
             one_by_one.append(answer[1] if answer[0] == "ok" else None)
             if answer[0] == "ok":
-                fleet.allocate(r, answer[1], dep_id, demand)
+                fleet.allocate(r, answer[1], dep_id, demand, generation=generation)
         after_one_by_one = fleet.snapshot(r, 3.0)
         r.flushdb()
         for key, value in saved.items():
@@ -98,10 +98,10 @@ def test_many_decided_in_one_call_land_where_one_by_one_would(r: redis.Redis, po
 def test_many_decided_wait_for_the_lock_as_one_does(r: redis.Redis) -> None:
     fleet.register_node(r, "1", cpus=1, memory=1024, state="up")
     assert fleet.decide(r, "a", Demand(0.1, 64), 80.0, "min", 3.0, 5)[0] == "ok"
-    assert fleet.decide_many(r, "b", [("x", Demand(0.1, 64))], 80.0, "min", 3.0, 5) is None
+    assert fleet.decide_many(r, "b", [("x", Demand(0.1, 64), 1)], 80.0, "min", 3.0, 5) is None
     assert fleet.allocations(r, "1") == {}  # nothing allocated without the lock
     fleet.unlock(r, "a")
-    assert fleet.decide_many(r, "b", [("x", Demand(0.1, 64))], 80.0, "min", 3.0, 5) == [("1", pytest.approx(0.0))]
+    assert fleet.decide_many(r, "b", [("x", Demand(0.1, 64), 1)], 80.0, "min", 3.0, 5) == [("1", pytest.approx(0.0))]
     assert set(fleet.allocations(r, "1")) == {"x"}
 
 

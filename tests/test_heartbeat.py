@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dm import fleet
 from dm import keys as k
+from dm.models import Demand
 from tests.ledger import instances, overlaps
 from tests.system import EXAMPLES, System, alive, wait_for
 from workers.outbox import Outbox
@@ -119,8 +120,11 @@ def test_a_report_for_an_old_generation_is_refused_and_its_process_killed(make_s
     running = system.wait_state(dep["id"], "running")
     old = running["generation"]
 
-    # When the registry moves the deployment to a new generation behind the node's back
+    # When the deployment moves to a new generation on the same node behind the node's back (the
+    # registry's record and the fleet's allocation, as a placement writes them; no order sent)
     system.ctl.registry.deployments.update_one({"_id": dep["id"]}, {"$inc": {"generation": 1}})
+    demand = Demand.from_dict(running["demand"])
+    fleet.allocate(system.ctl.redis, running["node"], dep["id"], demand, generation=old + 1)
 
     # Then a report for the old generation, sent through a node's outbox, is refused
     answers: list[object] = []

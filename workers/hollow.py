@@ -75,6 +75,7 @@ from dm.registry import Doc
 from dm.registry.base import find_in
 from dm.settings import Settings
 from workers.outbox import Outbox
+from workers.supervisor import placed_here
 from workers.watchdog import FENCE_FRACTION
 
 log = logging.getLogger("dm.hollow")
@@ -85,8 +86,10 @@ KILL_KEY = k.HOLLOW_KILL
 FAKE_PID_BASE = 10_000_000
 #: seconds each presence call blocks (as :class:`workers.metrics.Presence`)
 PRESENCE_POLL = 5
-#: seconds between ownership checks of a worker thread's copies (as the supervisor's)
+#: seconds between ownership checks of a worker thread's copies, and between those of all
+#: of them against the registry (as the supervisor's)
 FENCE_CHECK_INTERVAL = 2.0
+REGISTRY_CHECK_INTERVAL = 30.0
 #: seconds before a start that waits (lease lapsed) is tried again
 START_RETRY = 0.5
 #: seconds each BRPOP blocks: a killed node's queue leaves the key list by then
@@ -160,6 +163,7 @@ class Worker(threading.Thread):
         self.seq = itertools.count()
         self.nodes: list[Node] = []
         self.next_check = time.monotonic() + FENCE_CHECK_INTERVAL
+        self.next_registry_check = time.monotonic() + REGISTRY_CHECK_INTERVAL
 
     def later(self, delay: float, kind: str, node: Node, arg: Any) -> None:
         heapq.heappush(self.timers, (time.monotonic() + delay, next(self.seq), kind, node, arg))
@@ -189,7 +193,10 @@ class Worker(threading.Thread):
     def _safely(self, kind: str, node: Node | None, arg: Any) -> None:
         try:
             if kind == "check":
-                self._check_ownership()
+                full = time.monotonic() >= self.next_registry_check
+                if full:
+                    self.next_registry_check = time.monotonic() + REGISTRY_CHECK_INTERVAL
+                self._check_ownership(full)
             elif node is not None and node.alive:
                 getattr(self, "_" + kind)(node, arg)
         except Exception:  # one bad order must not stop the nodes of this thread
@@ -313,10 +320,21 @@ class Worker(threading.Thread):
             node.demand_unknown.discard(copy.dep_id)
         copy.running = False
 
-    def _check_ownership(self) -> None:
+    def _check_ownership(self, full: bool = True) -> None:
         """Kill copies whose deployment moved to another generation or node; learn the demand of
-        new ones. One query for every node of this thread (a node agent makes one per node)."""
+        new ones. As the supervisor: unless ``full``, only copies the fleet no longer allocates on
+        their node, or whose demand is unknown yet, are looked up in the registry."""
         ours = {cp.dep_id: (node, cp) for node in self.nodes if node.alive for cp in node.copies.values()}
+        if not full and ours:
+            nodes = [node for node in self.nodes if node.alive and node.copies]
+            pipe = self.hollow.ctl.redis.pipeline(transaction=False)
+            for node in nodes:
+                pipe.hgetall(k.ALLOC.format(node.id))
+            listed = {node.id: placed_here(allocs) for node, allocs in zip(nodes, pipe.execute(), strict=True)}
+            ours = {
+                d: (n, cp) for d, (n, cp) in ours.items()
+                if listed.get(n.id, {}).get(d, -1) not in (cp.generation, None) or d in n.demand_unknown
+            }  # fmt: skip
         if not ours:
             return
         fields = {"generation": 1, "node": 1, "state": 1, "demand": 1}

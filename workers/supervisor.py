@@ -63,8 +63,12 @@ log = logging.getLogger(__name__)
 
 #: seconds between SIGTERM and SIGKILL when stopping an algorithm
 KILL_GRACE = 5.0
-#: seconds between checks that each process still belongs to the current generation
+#: seconds between checks that each process still belongs to the current generation: against
+#: the fleet's allocations of this node (one read), and the copies it no longer lists against
+#: the registry
 FENCE_CHECK_INTERVAL = 2.0
+#: seconds between checks of every copy against the registry (the truth), whatever the fleet says
+REGISTRY_CHECK_INTERVAL = 30.0
 #: seconds before trying again a start that waits for the lease or the registry
 START_RETRY = 0.5
 
@@ -118,6 +122,7 @@ class Supervisor(threading.Thread):
         self.procs: dict[str, Proc] = {}
         self.stopped = threading.Event()
         self._next_fence_check = 0.0
+        self._next_registry_check = 0.0
         #: the watchdog's state file: lease validity and the process groups to kill past it
         self.fence_file = self.home / "nodes" / f"node-{node_id}.fence"
         self.fence_file.parent.mkdir(parents=True, exist_ok=True)
@@ -402,7 +407,10 @@ class Supervisor(threading.Thread):
             self._check_memory()
         if now >= self._next_fence_check:
             self._next_fence_check = now + FENCE_CHECK_INTERVAL
-            self._check_ownership()
+            full = now >= self._next_registry_check
+            if full:
+                self._next_registry_check = now + REGISTRY_CHECK_INTERVAL
+            self._check_ownership(full)
             if self.host.leftovers:
                 self.host.sweep()
 
@@ -488,9 +496,19 @@ class Supervisor(threading.Thread):
         self.outbox.send(dep_id, out.state, expect=list(out.expect), generation=gen, reason=out.reason, then=then,
                          **fields)  # fmt: skip
 
-    def _check_ownership(self) -> None:
-        """Kill processes whose deployment has moved to another generation or node."""
+    def _check_ownership(self, full: bool = True) -> None:
+        """Kill processes whose deployment has moved to another generation or node. Unless
+        ``full``, only those the fleet no longer allocates on this node are looked up in the
+        registry (a move releases the allocation): the read per check is one of Redis, not one
+        of MongoDB per copy."""
         ours = {p.dep_id: p for p in self.procs.values() if p.killing is None}
+        if not full and ours:  # the fleet lists what is placed here, and in which generation
+            try:
+                listed = placed_here(self.ctl.redis.hgetall(k.ALLOC.format(self.node_id)))
+                ours = {d: p for d, p in ours.items() if listed.get(d, -1) not in (p.generation, None)}
+            except Exception as exc:  # Redis away: the lease decides fencing meanwhile
+                log.warning("ownership check skipped: %s", exc)
+                return
         if not ours:
             return
         try:
@@ -504,6 +522,19 @@ class Supervisor(threading.Thread):
             if doc is None or doc["generation"] != proc.generation or doc.get("node") != self.node_id:
                 log.warning("deployment %s gen %s is no longer ours: killing it", dep_id, proc.generation)
                 self._kill(proc, "fence", grace=0.0)
+
+
+def placed_here(allocations: dict[str, str]) -> dict[str, int | None]:
+    """Deployment id -> the generation the fleet's allocation of a node names (None: not named),
+    from the node's allocation hash."""
+    out: dict[str, int | None] = {}
+    for dep_id, raw in allocations.items():
+        try:
+            gen = json.loads(raw).get("gen")
+        except (ValueError, AttributeError):
+            gen = None
+        out[dep_id] = int(gen) if isinstance(gen, int | float) else None
+    return out
 
 
 def keep_for(proc: Proc) -> float:

@@ -72,7 +72,7 @@ class CeleryDispatcher:
 
         pipe = self.r.pipeline(transaction=False)
         if demand is not None:
-            fleet.allocate(self.r, doc["node"], doc["_id"], demand, pipe=pipe)
+            fleet.allocate(self.r, doc["node"], doc["_id"], demand, pipe=pipe, generation=doc["generation"])
         if lock is not None:
             lock.release(pipe)
         same = app.conf.broker_url == redis_conn.broker_url(self.redis_url)  # this Redis is the broker

@@ -300,13 +300,13 @@ class MemoryFleet:
         return lock, chosen.id, balancer.score(chosen)
 
     def place_many_lock(
-        self, wants: list[tuple[str, Demand]], threshold: float, policy: str, settle: float
+        self, wants: list[tuple[str, Demand, int]], threshold: float, policy: str, settle: float
     ) -> tuple[_Lock, list[tuple[str | None, float]]]:
         token = self.try_lock("placement", 30.0)
         if token is None:
             raise RuntimeError("the placement lock is held (a unit test left it taken)")
         picks: list[tuple[str | None, float]] = []
-        for dep_id, demand in wants:
+        for dep_id, demand, _ in wants:
             chosen = balancer.choose(self.snapshot(settle), demand, threshold, policy)
             if chosen is None:
                 picks.append((None, 0.0))

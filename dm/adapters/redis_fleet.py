@@ -63,7 +63,7 @@ class RedisFleet:
         return lock, None, None
 
     def place_many_lock(
-        self, wants: list[tuple[str, Demand]], threshold: float, policy: str, settle: float
+        self, wants: list[tuple[str, Demand, int]], threshold: float, policy: str, settle: float
     ) -> tuple[PlacementLock, list[tuple[str | None, float]]]:
         token = uuid.uuid4().hex
         deadline = time.monotonic() + LOCK_WAIT

@@ -46,20 +46,21 @@ def decide(
 def decide_many(
     r: redis.Redis,
     token: str,
-    wants: list[tuple[str, Demand]],
+    wants: list[tuple[str, Demand, int]],
     threshold: float,
     policy: str,
     settle: float,
     lock_seconds: float,
 ) -> list[tuple[str, float]] | None:
-    """Take the placement lock (as ``token``) and place each (deployment id, demand) in one call,
+    """Take the placement lock (as ``token``) and place each (deployment id, demand, generation
+    it is placed in) in one call,
     allocating as it goes; see ``_DECIDE_MANY``. None when the lock is held; else for each in
     order (node id, score), or ("", 0.0) where none fits."""
     keys = [k.NODES, k.PLACEMENT_LOCK, k.PLACEMENT_INDEX, k.PLACEMENT_SETTLE]
     args: list[Any] = [token, int(lock_seconds * 1000), settle, threshold, policy, k.NODE, k.ALLOC, k.RECENT,
                        repr(time.time())]  # fmt: skip
-    for dep_id, demand in wants:
-        args += [dep_id, repr(demand.cpu), repr(demand.memory)]
+    for dep_id, demand, generation in wants:
+        args += [dep_id, repr(demand.cpu), repr(demand.memory), generation]
     answer = [str(x) for x in _script(r, _DECIDE_MANY)(keys=keys, args=args)]
     if answer[0] == "locked":
         return None
@@ -101,10 +102,16 @@ def snapshot(r: redis.Redis, settle: float, now: float | None = None) -> list[No
     return views
 
 
-def allocate(r: redis.Redis, node_id: str, dep_id: str, demand: Demand, pipe: Any = None) -> None:
-    """Record a deployment's demand on a node (on ``pipe``, a pipeline of ``r``, if given)."""
+def allocate(
+    r: redis.Redis, node_id: str, dep_id: str, demand: Demand, pipe: Any = None, generation: int | None = None
+) -> None:
+    """Record a deployment's demand on a node (on ``pipe``, a pipeline of ``r``, if given), and
+    the generation placed there when known (the node's ownership check reads it)."""
     now = time.time()
-    alloc = json.dumps({"cpu": demand.cpu, "memory": demand.memory, "ts": now})
+    record: dict[str, Any] = {"cpu": demand.cpu, "memory": demand.memory, "ts": now}
+    if generation is not None:
+        record["gen"] = generation
+    alloc = json.dumps(record)
     keys = [k.ALLOC.format(node_id), k.NODE.format(node_id), k.RECENT.format(node_id)]
     _script(r, _ALLOCATE)(
         keys=keys, args=[dep_id, repr(demand.cpu), repr(demand.memory), repr(now), alloc], client=pipe
