@@ -291,8 +291,9 @@ _HEADER = """# Benchmarks
 
 Each section is written by its script in `bench/` (the section between its markers is
 replaced on every run). Every script starts its own embedded stack (Redis, SecantusDB;
-no Kafka) in a temp dir, uses a fresh database, measures a baseline in the same run,
-and stops every process it started by its PID.
+no Kafka) in a temp dir, uses a fresh database, and stops every process it started by
+its PID. Each section's header names what its figures are measured against: a baseline
+measured in the same run, or none (then peers' figures are given as prose).
 """
 #: the order of the sections on the page
 #: the order of the sections; any other section found in the page is kept after them
