@@ -7,7 +7,9 @@ imports is part of that worker's memory.
 - :class:`Harness` starts an embedded stack (no Kafka) in a temp dir, points ``DM_*``
   at it with a fresh database, spawns processes in their own sessions, and stops every
   process by its PID (then the stack) on exit, error or not.
-- :data:`baseline_app`: a minimal Celery app (JSON, Redis), the yardstick for dm's paths.
+- :data:`baseline_app`: a minimal Celery app (JSON, Redis), the yardstick for dm's paths;
+  its ``bench.floor_insert`` and ``bench.floor_start`` tasks chain the architecture's
+  floor of a deploy (two bare hops, one raw insert, one ``Popen``).
 - :func:`write_section` replaces one benchmark's section of ``docs/benchmarks-core.md``.
 """
 
@@ -41,6 +43,10 @@ DOC = ROOT / "docs" / "benchmarks.md"
 BASELINE_QUEUE = "bench.baseline"
 #: env var that gives the baseline worker its Redis
 BASELINE_REDIS_ENV = "BENCH_REDIS_URL"
+#: the queue of the floor's first bare worker (the one that inserts; the second is the baseline's)
+FLOOR_QUEUE = "bench.floor"
+#: the collection the floor inserts into, in the run's database (no index but ``_id``)
+FLOOR_COLLECTION = "bench_floor"
 
 # -- the baseline: a bare Celery app --------------------------------------------------
 
@@ -86,12 +92,41 @@ def reap() -> int:
     return count
 
 
-def baseline_worker_cmd(concurrency: int = 4, name: str = "") -> list[str]:
+_floor_collection: Any = None
+
+
+@baseline_app.task(name="bench.floor_insert")
+def floor_insert(doc: dict[str, Any], command: list[str]) -> dict[str, Any]:
+    """The floor's first hop: one raw ``insert_one`` of ``doc``, then ``floor_start`` sent to the
+    baseline worker's queue. Returns its stamps and the id of the task it sent."""
+    global _floor_collection
+    start = time.time()
+    if _floor_collection is None:  # imported here: the idle baseline worker never loads pymongo
+        import pymongo
+
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(os.environ["DM_MONGO_URL"])
+        _floor_collection = client[os.environ["DM_DATABASE"]][FLOOR_COLLECTION]
+    _floor_collection.insert_one(doc)
+    inserted = time.time()
+    sent = floor_start.apply_async((command,), queue=BASELINE_QUEUE)
+    return {"start": start, "inserted": inserted, "next": sent.id}
+
+
+@baseline_app.task(name="bench.floor_start")
+def floor_start(command: list[str]) -> dict[str, float]:
+    """The floor's second hop: ``Popen`` of ``command``; returns its stamps (the last one is the
+    floor's ``running``) and the pid."""
+    start = time.time()
+    pid = popen(command)
+    return {"start": start, "running": time.time(), "pid": pid}
+
+
+def baseline_worker_cmd(concurrency: int = 4, name: str = "", queue: str = BASELINE_QUEUE) -> list[str]:
     """A bare worker of :data:`baseline_app`: threads pool, its own queue, like a node's flags."""
     name = name or f"baseline-{uuid.uuid4().hex[:6]}"
     return [
         sys.executable, "-m", "celery", "-A", "bench._common:baseline_app", "worker",
-        "-Q", BASELINE_QUEUE, "-P", "threads", "-c", str(concurrency),
+        "-Q", queue, "-P", "threads", "-c", str(concurrency),
         "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "WARNING",
     ]  # fmt: skip
 
@@ -256,8 +291,9 @@ _HEADER = """# Benchmarks
 
 Each section is written by its script in `bench/` (the section between its markers is
 replaced on every run). Every script starts its own embedded stack (Redis, SecantusDB;
-no Kafka) in a temp dir, uses a fresh database, measures a baseline in the same run,
-and stops every process it started by its PID.
+no Kafka) in a temp dir, uses a fresh database, and stops every process it started by
+its PID. Each section's header names what its figures are measured against: a baseline
+measured in the same run, or none (then peers' figures are given as prose).
 """
 #: the order of the sections on the page
 #: the order of the sections; any other section found in the page is kept after them

@@ -412,18 +412,22 @@ def main() -> None:
     if args.outages:
         section = run_outages(args.trials)
         print(section)
-        print("wrote", write_section("failover_outages", "Outages: a frozen agent, Redis stalled, Redis emptied",
-                                     section))  # fmt: skip
+        title = "Outages: a frozen agent, Redis stalled, Redis emptied (no baseline: peers' defaults as prose)"
+        print("wrote", write_section("failover_outages", title, section))
         return
     if args.sentinel:
         section = run_sentinel(args.trials)
         print(section)
-        title = "Sentinel failover: kill -9 of the Redis primary (seconds until deploys work again)"
+        title = (
+            "Sentinel failover: kill -9 of the Redis primary, seconds until deploys work again "
+            "(baseline: the Sentinels' promotion, measured in the same run)"
+        )
         print("wrote", write_section("failover_sentinel", title, section))
         return
     section = run(args.trials)
     print(section)
-    print("wrote", write_section("failover", "Failover: kill -9 of a node running 20 algorithms", section))
+    title = f"Failover: kill -9 of a node running {COUNT} algorithms (no baseline: peers' defaults as prose)"
+    print("wrote", write_section("failover", title, section))
 
 
 if __name__ == "__main__":

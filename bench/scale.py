@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(section)
     if not args.no_doc:
-        path = write_section("scale", "Scale: hollow nodes and many deployments", section)
+        path = write_section("scale", "Scale: hollow nodes and many deployments (baseline: N=50, same run)", section)
         print("wrote", path, file=sys.stderr)
     return 0
 
