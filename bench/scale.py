@@ -280,9 +280,9 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         row["deployments_fn_s"] = timed(lambda: list_deployments(ctl))
 
         beat = Beat(ctl, h.stopping)
-        others = Beat(ctl, h.stopping, ("replace", "scale"))
+        placer = Beat(ctl, h.stopping, ("replace", "scale"))
         beat.start()
-        others.start()
+        placer.start()
         pids = {server.name: server.pid for server in h.stack.servers}
         pids |= {"control worker": control.pid, "hollow": hollow.pid}
         pids["benchmark (reconcilers, polling, sending)"] = os.getpid()
@@ -300,7 +300,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         from dm.tasks import deploy
 
         deploy.delay(ALGORITHM).get(timeout=60)  # warm: connections, caches
-        burst_from, others_from = len(beat.passes), len(others.passes)
+        burst_from, placer_from = len(beat.passes), len(placer.passes)
         sent: list[tuple[float, Any]] = []
         before = cpu_seconds(pids)
         t0 = time.time()
@@ -320,7 +320,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
             "the burst running",
             0.5,
         )
-        burst_passes = beat.passes[burst_from:] + others.passes[others_from:]
+        burst_passes = beat.passes[burst_from:] + placer.passes[placer_from:]
         runs = {}
         for doc in ctl.registry.deployments.find({"_id": {"$in": dep_ids}}, {"history": 1}):
             runs[doc["_id"]] = min(e["time"] for e in doc["history"] if e["state"] == "running")
@@ -330,7 +330,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
 
         row["burst_pass_p50_ms"] = round(percentile(burst_passes, 50) * 1000, 1) if burst_passes else None
         row["burst_pass_p99_ms"] = round(percentile(burst_passes, 99) * 1000, 1) if burst_passes else None
-        row["beat_errors"] = beat.errors + others.errors
+        row["beat_errors"] = beat.errors + placer.errors
         row["control_rss_mib"] = round(psutil.Process(control.pid).memory_info().rss / 2**20, 1)
         row["hollow_rss_mib"] = round(psutil.Process(hollow.pid).memory_info().rss / 2**20, 1)
         row["redis_mib"] = round(int(ctl.redis.info("memory")["used_memory"]) / 2**20, 1)
@@ -338,7 +338,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         row["registry_mib"] = round((stats.get("dataSize", 0) + stats.get("indexSize", 0)) / 2**20, 1)
         h.stopping.set()
         beat.join(10)
-        others.join(10)
+        placer.join(10)
         os.kill(hollow.pid, signal.SIGKILL)  # no handover of thousands of deployments at the end
     return row
 
