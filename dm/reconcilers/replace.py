@@ -27,6 +27,10 @@ from dm.reconcilers.detect import move_deployments
 
 #: deployments looked at per pass, of each kind
 BATCH = 500
+#: seconds a ``lost`` deployment is left to whoever made it lost (a fail-over places what it
+#: marks, in batches; a node that stops asks for each): placing it here too meanwhile only
+#: doubles the work (both decide, one write wins). Past this, it is placed here.
+LOST_GRACE = 5.0
 
 
 def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
@@ -79,7 +83,9 @@ def place_waiting(ports: Ports) -> int:
     """Place ``pending`` and ``lost`` deployments; returns how many were placed. A backlog goes
     in batches (:func:`dm.deployer.place_many`) while they find room; once one does not, the
     rest go one by one, skipping demands as large as one that found none."""
-    waiting = ports.store.waiting(BATCH)
+    now = time.time()
+    waiting = [d for d in ports.store.waiting(BATCH)
+               if d["state"] != D.LOST or now - float(d.get("updated_at") or 0) >= LOST_GRACE]  # fmt: skip
     placed = 0
     misfits: list[Demand] = []  # demands that found no room in this pass, even after adding a node
     start = 0

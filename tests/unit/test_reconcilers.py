@@ -279,3 +279,13 @@ def test_keep_for_does_not_hold_a_node_whose_process_died(ports: MemoryPorts) ->
     ports.provider.gone.append("1")  # its agent exited: its children died with it
     assert detect.run(ports)["failed_over"] == 1
     assert ports.store.get(held["_id"])["node"] == "2"
+
+
+def test_a_lost_deployment_is_left_to_its_fail_over_for_a_moment_then_placed_here(ports: MemoryPorts) -> None:
+    doc = running_on(ports, "1", 1)[0]
+    lost = transition(ports, doc["_id"], D.LOST, actor=Actor.CONTROL, expect=[D.SCHEDULED], reason="node-1 is dead")
+    assert lost is not None
+    assert replace.place_waiting(ports) == 0  # a fail-over placing it meanwhile would only race with this
+    ports.store.docs[doc["_id"]]["updated_at"] -= replace.LOST_GRACE
+    assert replace.place_waiting(ports) == 1
+    assert ports.store.get(doc["_id"])["state"] == "scheduled"
