@@ -305,7 +305,7 @@ def report(args: argparse.Namespace, f: dict[str, list[float]], modes: tuple[str
     setup = (
         f"{args.count} deployments measured one after another (after {args.warmup} warm-up ones), each "
         f"waited for until `running`, alternating with the baseline and the floor; they stay running, so the "
-        f"last ones start with {3 * args.count} processes already up (the three paths' together). "
+        f"last ones start with about {3 * args.count} processes already up (the three paths' together). "
         f"{2 * args.nodes} node agent(s) of 64 cpus / 64 GiB, "
         f"{args.nodes} contained and {args.nodes} not, "
         "(placement never adds one); control worker (`-P threads -c 8`, as `dm up` starts it) and beat "
@@ -320,9 +320,8 @@ def report(args: argparse.Namespace, f: dict[str, list[float]], modes: tuple[str
         "task (`bench.floor_start`) to the baseline worker, another process on its own queue; that one starts "
         "the command with `subprocess.Popen` and stamps the time once `Popen` returned. A floor sample is that "
         "stamp minus the caller's time before `.delay()`: two broker hops, one insert, one `Popen`, and "
-        "Celery's work on each side, with no lock, no placement decision, no containment, no CAS and no "
-        "event write. dm's figure ends at the `running` event's stamp, taken by the node once its process "
-        "started."
+        "Celery's work on each side; no lock, no placement decision, no containment. dm's figure ends at its "
+        "`running` event's stamp, taken as the node issues that write, once its process started."
     )
     print()
     print(main_table)
