@@ -62,6 +62,9 @@ DEAD_NODES = "dm:nodes:dead"
 #: hash: node id -> time the deployments of a dead node were all moved off (or found none):
 #: later passes skip it until it rejoins
 MOVED_OFF = "dm:moved_off"
+#: hash: node id -> until when a mover (dm/reconcilers/detect.py) is placing its deployments
+#: again: the placement reconciler leaves ``lost`` ones to it meanwhile
+MOVING = "dm:moving"
 #: string: time of the last completed failure-detector pass (the check-lag metric)
 HEARTBEAT_LAST = "dm:heartbeat:last"
 

@@ -78,8 +78,8 @@ class DeploymentStore(Protocol):
         """Deployments of a node in an active state or ``stopping``."""
         ...
 
-    def waiting(self, limit: int) -> list[Doc]:
-        """``pending`` and ``lost`` deployments, oldest first."""
+    def waiting(self, limit: int, lost: bool = True) -> list[Doc]:
+        """``pending`` and (unless not ``lost``) ``lost`` deployments, oldest first."""
         ...
 
     def unstarted(self, before: float, limit: int) -> list[Doc]:

@@ -129,8 +129,9 @@ class MemoryStore:
         states = {*ACTIVE, D.STOPPING}
         return [_public(d) for d in self.docs.values() if d.get("node") == node_id and d["state"] in states]
 
-    def waiting(self, limit: int) -> list[Doc]:
-        rows = sorted((d for d in self.docs.values() if d["state"] in WAITING), key=lambda d: d["created_at"])
+    def waiting(self, limit: int, lost: bool = True) -> list[Doc]:
+        states = WAITING if lost else (D.PENDING,)
+        rows = sorted((d for d in self.docs.values() if d["state"] in states), key=lambda d: d["created_at"])
         return [_public(d) for d in rows[:limit]]
 
     def unstarted(self, before: float, limit: int) -> list[Doc]:

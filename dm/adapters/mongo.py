@@ -147,8 +147,8 @@ class MongoDeployments:
     def active_on(self, node_id: str) -> list[Doc]:
         return list(self.col.find({"state": {"$in": _values(*ACTIVE, D.STOPPING)}, "node": node_id}, NO_HISTORY))
 
-    def waiting(self, limit: int) -> list[Doc]:
-        query = {"state": {"$in": _values(*WAITING)}}
+    def waiting(self, limit: int, lost: bool = True) -> list[Doc]:
+        query = {"state": {"$in": _values(*WAITING)} if lost else D.PENDING.value}
         return list(self.col.find(query, NO_HISTORY).sort("created_at", 1).limit(limit))  # (state, created_at)
 
     def unstarted(self, before: float, limit: int) -> list[Doc]:

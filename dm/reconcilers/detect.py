@@ -156,6 +156,11 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
     return {"dead": sorted(v.dead), "failed_over": moved, "blind": v.blind_until > now}
 
 
+#: seconds a mover of a dead node's deployments holds its lock at most (a mover that died
+#: leaves it to the next after this)
+MOVE_LOCK_SECONDS = 60.0
+
+
 def fail_over(ports: Ports, node_id: str, reason: str, now: float | None = None, silent: bool = False) -> int:
     """Mark a node dead and place its deployments again; returns how many moved (see
     :func:`declare_dead` and :func:`move_off`)."""
@@ -195,9 +200,24 @@ def move_deployments(
     """Each active deployment of a dead node ``lost`` and placed again (compare-and-sets all);
     a ``stopping`` one is ``stopped``: its node killed it, or died with it. With ``held_since``
     (a silent failure then), one whose ``keep_for`` has not passed since stays for now."""
-    from dm import deployer
 
     now = time.time() if now is None else now
+    # one mover per node: the detector that declared it dead, or the placement reconciler
+    # finishing what that one left; two at once only race for the same writes
+    token = ports.fleet.try_lock(f"move:{node_id}", MOVE_LOCK_SECONDS)
+    if token is None:
+        return 0
+    ports.fleet.set_marks(k.MOVING, {node_id: repr(time.time() + MOVE_LOCK_SECONDS)})
+    try:
+        return _move(ports, node_id, reason, held_since, now)
+    finally:
+        ports.fleet.set_marks(k.MOVING, {}, drop=[node_id])
+        ports.fleet.unlock(f"move:{node_id}", token)
+
+
+def _move(ports: Ports, node_id: str, reason: str, held_since: float | None, now: float) -> int:
+    from dm import deployer
+
     docs = ports.store.active_on(node_id)
     if held_since is not None:
         docs = [d for d in docs if now >= held_since + float(d.get("keep_for") or 0.0)]

@@ -84,7 +84,9 @@ def place_waiting(ports: Ports) -> int:
     in batches (:func:`dm.deployer.place_many`) while they find room; once one does not, the
     rest go one by one, skipping demands as large as one that found none."""
     now = time.time()
-    waiting = [d for d in ports.store.waiting(BATCH)
+    # while a fail-over places its node's deployments, its lost ones are its own: not even read
+    moving = any(float(until) > now for until in ports.fleet.marks(k.MOVING).values())
+    waiting = [d for d in ports.store.waiting(BATCH, lost=not moving)
                if d["state"] != D.LOST or now - float(d.get("updated_at") or 0) >= LOST_GRACE]  # fmt: skip
     placed = 0
     misfits: list[Demand] = []  # demands that found no room in this pass, even after adding a node
