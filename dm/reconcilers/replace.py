@@ -46,8 +46,9 @@ def finish_fail_overs(ports: Ports, now: float | None = None) -> int:
     """Move what a fail-over left on a dead node: what an outage of MongoDB or Redis cut short,
     and what asked to keep running on a cut-off node once its ``keep_for`` has passed."""
     now = time.time() if now is None else now
-    moved_off = ports.fleet.marks(k.MOVED_OFF)
-    dead = [n for n in ports.fleet.dead_nodes() if n not in moved_off]  # a node once cleared is not read again
+    skip = ports.fleet.marks(k.MOVED_OFF)  # a node once cleared is not read again
+    skip |= {n: u for n, u in ports.fleet.marks(k.MOVING).items() if float(u) > now}  # nor one being moved
+    dead = [n for n in ports.fleet.dead_nodes() if n not in skip]
     if not dead:
         return 0
     holding = ports.store.nodes_holding(dead)
