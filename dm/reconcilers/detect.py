@@ -149,7 +149,7 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
         detector.update(outage_at=repr(seen), outage_seconds=repr(round(now - seen, 3)), outage=v.blind_reason)
     f.set_marks(k.DETECTOR, detector)
     won = [(n, reason) for n, reason in sorted(v.dead.items()) if declare_dead(ports, n, reason, now, n in v.silent)]
-    moved = sum(move_off(ports, n, reason, now, n in v.silent) for n, reason in won)
+    moved = move_many(ports, [(n, reason, now if n in v.silent else None) for n, reason in won], now) if won else 0
     if moved:  # a long fail-over is this pass at work, not the control plane away
         f.set_marks(k.DETECTOR, {"seen": repr(max(now, time.time()))})
     f.put(k.HEARTBEAT_LAST, repr(time.time()))
@@ -200,31 +200,49 @@ def move_deployments(
     """Each active deployment of a dead node ``lost`` and placed again (compare-and-sets all);
     a ``stopping`` one is ``stopped``: its node killed it, or died with it. With ``held_since``
     (a silent failure then), one whose ``keep_for`` has not passed since stays for now."""
+    return move_many(ports, [(node_id, reason, held_since)], now)
+
+
+def move_many(ports: Ports, dead: list[tuple[str, str, float | None]], now: float | None = None) -> int:
+    """:func:`move_deployments` for several dead nodes (id, reason, held since) at once: their
+    deployments are ``lost`` in one bulk write and placed again in the same batches, so a
+    tenth of the fleet dying costs about what one node holding as much does."""
+    from dm import deployer
 
     now = time.time() if now is None else now
     # one mover per node: the detector that declared it dead, or the placement reconciler
     # finishing what that one left; two at once only race for the same writes
-    token = ports.fleet.try_lock(f"move:{node_id}", MOVE_LOCK_SECONDS)
-    if token is None:
+    tokens = {}
+    for node_id, _, _ in dead:
+        token = ports.fleet.try_lock(f"move:{node_id}", MOVE_LOCK_SECONDS)
+        if token is not None:
+            tokens[node_id] = token
+    if not tokens:
         return 0
-    ports.fleet.set_marks(k.MOVING, {node_id: repr(time.time() + MOVE_LOCK_SECONDS)})
+    ports.fleet.set_marks(k.MOVING, {n: repr(time.time() + MOVE_LOCK_SECONDS) for n in tokens})
     try:
-        return _move(ports, node_id, reason, held_since, now)
+        stopping: list[dict[str, Any]] = []
+        active: list[dict[str, Any]] = []
+        reasons: dict[str, str] = {}
+        for node_id, reason, held_since in dead:
+            if node_id not in tokens:
+                continue
+            docs = ports.store.active_on(node_id)
+            if held_since is not None:
+                docs = [d for d in docs if now >= held_since + float(d.get("keep_for") or 0.0)]
+            stopping += [d for d in docs if d["state"] == D.STOPPING]
+            active += [d for d in docs if d["state"] in ACTIVE]
+            reasons.update({d["_id"]: reason for d in docs})
+        if stopping:
+            transition_many(ports, stopping, D.STOPPED, actor=Actor.CONTROL, reason="stopped",
+                            each=[{"reason": f"stopped ({reasons[d['_id']]})"} for d in stopping])  # fmt: skip
+        lost = transition_many(ports, active, D.LOST, actor=Actor.CONTROL, reason="lost",
+                               each=[{"reason": reasons[d["_id"]]} for d in active])  # fmt: skip
+        for node_id in tokens:
+            ports.fleet.clear_allocations(node_id)
+        deployer.place_many(ports, lost)  # in batches: one script, one bulk write, one pipeline each
+        return len(lost)
     finally:
-        ports.fleet.set_marks(k.MOVING, {}, drop=[node_id])
-        ports.fleet.unlock(f"move:{node_id}", token)
-
-
-def _move(ports: Ports, node_id: str, reason: str, held_since: float | None, now: float) -> int:
-    from dm import deployer
-
-    docs = ports.store.active_on(node_id)
-    if held_since is not None:
-        docs = [d for d in docs if now >= held_since + float(d.get("keep_for") or 0.0)]
-    stopping = [d for d in docs if d["state"] == D.STOPPING]
-    transition_many(ports, stopping, D.STOPPED, actor=Actor.CONTROL, reason=f"stopped ({reason})")
-    lost = transition_many(ports, [d for d in docs if d["state"] in ACTIVE], D.LOST, actor=Actor.CONTROL,
-                           reason=reason)  # fmt: skip
-    ports.fleet.clear_allocations(node_id)
-    deployer.place_many(ports, lost)  # in batches: one script, one bulk write, one pipeline each
-    return len(lost)
+        ports.fleet.set_marks(k.MOVING, {}, drop=list(tokens))
+        for node_id, token in tokens.items():
+            ports.fleet.unlock(f"move:{node_id}", token)

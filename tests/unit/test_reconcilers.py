@@ -289,3 +289,26 @@ def test_a_lost_deployment_is_left_to_its_fail_over_for_a_moment_then_placed_her
     ports.store.docs[doc["_id"]]["updated_at"] -= replace.LOST_GRACE
     assert replace.place_waiting(ports) == 1
     assert ports.store.get(doc["_id"])["state"] == "scheduled"
+
+
+def test_nodes_dead_in_one_pass_have_their_deployments_moved_together(ports: MemoryPorts) -> None:
+    # Given two deployments on each of nodes 1 and 2, and two empty nodes
+    on_1, on_2 = running_on(ports, "1"), running_on(ports, "2")
+    ports.add_node("3")
+    ports.add_node("4")
+    now = warm(ports)
+    writes: list[int] = []
+    many = ports.store.compare_and_set_many
+    ports.store.compare_and_set_many = lambda docs, *a, **kw: writes.append(len(docs)) or many(docs, *a, **kw)  # type: ignore[method-assign]
+    # When nodes 1 and 2 lose their leases at once
+    ports.fleet.nodes["1"].lease = ports.fleet.nodes["2"].lease = False
+    ports.fleet.no_presence = True
+    done = detect.run(ports, now)
+    # Then one pass moves all four: one write marks them lost, one places them, each its own reason
+    assert done["dead"] == ["1", "2"] and done["failed_over"] == 4
+    assert writes == [4, 4]
+    for doc, node in [(d, "1") for d in on_1] + [(d, "2") for d in on_2]:
+        moved = ports.store.get(doc["_id"])
+        assert moved["state"] == "scheduled" and moved["node"] in ("3", "4") and moved["generation"] == 2
+        lost = [e for e in ports.store.history(doc["_id"]) if e["state"] == "lost"]
+        assert [e["reason"] for e in lost] == [f"node-{node} lease expired"]
