@@ -179,6 +179,28 @@ class System:
             what=f"deployment {dep_id} in {states}",
         )
 
+    def wait_all_succeeded(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until ``count`` deployments (all there are) succeeded; on a timeout, the error
+        shows the others, their history and the tail of each process's log."""
+        states: dict[str, int] = {}
+
+        def done() -> bool:
+            states.clear()
+            for doc in self.ctl.registry.deployments.find({}, {"state": 1}):
+                states[doc["state"]] = states.get(doc["state"], 0) + 1
+            return states.get("succeeded") == count
+
+        try:
+            wait_for(done, timeout, what=f"{count} deployments succeeded")
+        except AssertionError as exc:
+            stuck = list(self.ctl.registry.deployments.find({"state": {"$ne": "succeeded"}}))
+            logs = "\n".join(
+                f"== {p.name}\n{p.read_text()[-4000:]}"
+                for p in [*sorted(self.logs.glob("*.log")), *sorted((self.home / "nodes").glob("*.log"))]
+            )
+            raise AssertionError(f"{exc}; their states: {states}\nthe others: {stuck}\n{logs}") from None
+        assert sum(states.values()) == count, f"more deployments than {count}: {states}"
+
     def dm(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run the CLI as a user would."""
         return subprocess.run(

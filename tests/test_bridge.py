@@ -31,8 +31,7 @@ def test_100_requests_make_100_deployments_whose_events_reach_succeeded(make_sys
 
     # Then 100 deployments succeed, and each one's events reach `succeeded` on the events topic,
     # keyed by deployment id, rev 0, 1, 2, ... in order, with its request id
-    wait_for(lambda: system.ctl.registry.deployments.count_documents({"state": "succeeded"}) == 100, 90,
-             what="100 succeeded deployments")  # fmt: skip
+    system.wait_all_succeeded(100, 90)
     deployments = {d["_id"]: d for d in system.ctl.registry.deployments.find({})}
     assert sorted(d["request_id"] for d in deployments.values()) == sorted(f"req-{i}" for i in range(100))
 
@@ -126,9 +125,7 @@ def test_bad_messages_go_to_the_dlq_with_their_reason_and_the_good_ones_are_depl
         assert (letter.topic, letter.partition) == (kafka.requests, 0)
         assert (letter.key, letter.value) == (b"m%d" % (2 * i + 1), raw)
         assert reason in letter.reason, f"message {i}: {letter.reason!r} does not say {reason!r}"
-    wait_for(lambda: system.ctl.registry.deployments.count_documents({"state": "succeeded"}) == len(good), 60,
-             what="every good request succeeded")  # fmt: skip
-    assert system.ctl.registry.deployments.count_documents({}) == len(good)
+    system.wait_all_succeeded(len(good), 60)
     wait_for(lambda: kafka.committed() == len(messages), 30, what="all committed")
 
 

@@ -91,9 +91,7 @@ def test_each_poison_request_is_dead_lettered_and_the_good_ones_behind_it_are_de
             assert (letter.size, letter.sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
     # and every good one behind them is deployed and runs
     good = len(POISON) * GOOD_AFTER
-    wait_for(lambda: system.ctl.registry.deployments.count_documents({"state": "succeeded"}) == good, 90,
-             what="every good request succeeded")  # fmt: skip
-    assert system.ctl.registry.deployments.count_documents({}) == good
+    system.wait_all_succeeded(good, 90)
     # and every offset is committed, with no loop over a batch in the bridge's log
     wait_for(lambda: kafka.committed() == len(stream), 30, what="every offset committed")
     log = kafka.log()

@@ -218,3 +218,58 @@ def test_a_node_that_just_started_takes_a_burst_without_a_second_node(make_syste
     assert {d["node"] for d in docs} == {node}
     live = [n.id for n in fleet.snapshot(system.ctl.redis, 0) if n.state in ("up", "starting")]
     assert live == [node]
+
+
+def test_a_run_order_sent_twice_starts_one_copy_that_runs_and_stops(make_system):
+    # Given a node, and a deployment recorded scheduled on it whose order was never sent
+    from dm.models import DeployRequest
+
+    system = make_system(nodes=1, start_timeout=300)
+    system.add_examples("service")
+    node_id = system.wait_nodes_up(1)[0]
+    algorithm = system.ctl.registry.get_algorithm("service")
+    doc, _ = system.ctl.registry.create_deployment(DeployRequest("service"), algorithm, node=node_id, reason="test")
+
+    # When its run order reaches the node twice (a resend, a redelivery)
+    system.ctl.ports.dispatcher.run(doc, None, None)
+    system.ctl.ports.dispatcher.run(doc, None, None)
+
+    # Then the node starts it once and says it ignored the second order
+    node_log = system.home / "nodes" / f"node-{node_id}.log"
+    wait_for(lambda: "order ignored" in node_log.read_text(), 30, what="the second order ignored")
+    running = system.wait_state(doc["_id"], "running", timeout=30)
+    assert alive(running["pid"]) and running["generation"] == 1
+    assert Path(running["log"]).read_text().count("--- dm: gen 1") == 1
+    # and the copy it runs is the one the registry names: a stop ends it
+    from dm import deployer
+
+    deployer.stop(system.ctl.ports, doc["_id"])
+    assert system.wait_state(doc["_id"], "stopped", timeout=30)["state"] == "stopped"
+    wait_for(lambda: not alive(running["pid"]), 10, what="the process gone")
+
+
+def test_a_batch_placement_does_not_take_a_deployment_another_placer_moved_for_its_own(make_system):
+    # Given a pending deployment, read by a batch placer
+    from dm.models import DeployRequest
+
+    system = make_system(nodes=0, control=False, beat=False)
+    system.add_examples("hello")
+    store = system.ctl.ports.store
+    algorithm = system.ctl.registry.get_algorithm("hello")
+    stale, _ = system.ctl.registry.create_deployment(DeployRequest("hello"), algorithm)
+    other, _ = system.ctl.registry.create_deployment(DeployRequest("hello"), algorithm)
+
+    # When a single placement moves it to the same rev and state first
+    won = store.compare_and_set(
+        stale["_id"], "scheduled", expect=["pending"], generation=stale["generation"], reason="placed on node-1",
+        new_generation=True, current=None, seen=lambda _: None, fields={"node": "1"},
+    )  # fmt: skip
+    assert won is not None and won["rev"] == stale["rev"] + 1
+
+    # Then the batch's compare-and-set counts only what it moved itself
+    moved = store.compare_and_set_many(
+        [stale, other], "scheduled", reason="placed", fields={}, each=[{"node": "2"}, {"node": "2"}],
+        new_generation=True,
+    )  # fmt: skip
+    assert [d["_id"] for d in moved] == [other["_id"]]
+    assert store.get(stale["_id"])["node"] == "1"

@@ -227,6 +227,22 @@ class Supervisor(threading.Thread):
         if kind == "start":
             payload, package, failure = arg
             new = Proc(payload, package, restarts=int(payload.get("restarts", 0)))
+            held = self.procs.get(new.dep_id)
+            if held is not None and held.generation >= new.generation:
+                # an order sent twice (a resend after the start timeout, a redelivery): one copy
+                # runs; a second start would lose track of the first
+                log.warning("deployment %s gen %s is already here: order ignored", new.dep_id, new.generation)
+                return
+            if held is not None:  # an older generation of it still here: gone before the new one starts
+                self._kill(held, "fence", grace=0.0)
+                if held.popen is not None:
+                    try:
+                        held.popen.wait(timeout=KILL_GRACE)
+                    except subprocess.TimeoutExpired:  # the start timeout sends the order again
+                        log.warning("deployment %s gen %s outlives SIGKILL: gen %s not started", held.dep_id,
+                                    held.generation, new.generation)  # fmt: skip
+                        return
+                    self._exited(held)
             if failure:
                 self._start_failed(new, failure)
             else:

@@ -9,6 +9,7 @@ MongoDB-compatible server, so its cost grew with every deployment ever made.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,9 @@ from dm.lifecycle import ACTIVE, WAITING, D, event_of
 from dm.models import Demand
 from dm.registry import Registry
 from dm.registry.base import find_in
+
+#: the field a batch compare-and-set marks its writes with (see compare_and_set_many)
+WRITE_MARK = "write"
 
 Doc = dict[str, Any]
 
@@ -115,11 +119,16 @@ class MongoDeployments:
             return []
         now = time.time()
         step = 1 if new_generation else 0
+        # this write's mark: a deployment another writer moved to the same rev and state
+        # meanwhile (a single placement racing the batch) is not taken for one of ours
+        token = uuid.uuid4().hex[:16]
         news, ops = [], []
         for i, doc in enumerate(docs):
             sets = {"state": state, "reason": reason, "updated_at": now, **fields, **(each[i] if each else {})}
+            sets[WRITE_MARK] = token
             new = {**doc, **sets, "rev": doc["rev"] + 1, "generation": doc["generation"] + step}
             new.pop("history", None)
+            new.pop(WRITE_MARK, None)
             news.append(new)
             event = event_of(new)
             push = (
@@ -136,12 +145,13 @@ class MongoDeployments:
         result = self.col.bulk_write(ops, ordered=False)
         if result.modified_count == len(ops):
             return news
-        # some had moved on meanwhile: the moved ones are those now at the new rev in the new state
-        now_at = {d["_id"]: d for d in find_in(self.col, [d["_id"] for d in docs], {"rev": 1, "state": 1})}
+        # some had moved on meanwhile: the moved ones are those that carry this write's mark at
+        # the new rev (another writer's move to the same rev does not)
+        now_at = {d["_id"]: d for d in find_in(self.col, [d["_id"] for d in docs], {"rev": 1, WRITE_MARK: 1})}
         return [
             n
             for n in news
-            if (now_at.get(n["_id"]) or {}).get("rev") == n["rev"] and now_at[n["_id"]]["state"] == state
+            if (now_at.get(n["_id"]) or {}).get("rev") == n["rev"] and now_at[n["_id"]].get(WRITE_MARK) == token
         ]
 
     def active_on(self, node_id: str) -> list[Doc]:
