@@ -164,9 +164,19 @@ class System:
         return self.ctl.registry.add_algorithm(load_spec(directory), archive, sha)
 
     def deploy(self, algorithm: str, timeout: float = 30.0, **kwargs: Any) -> dict[str, Any]:
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
         from dm import deploy
 
-        return deploy.delay(algorithm, **kwargs).get(timeout=timeout)
+        result = deploy.delay(algorithm, **kwargs)
+        try:
+            return result.get(timeout=timeout)
+        except CeleryTimeout:
+            # what the backend holds for it, and what the processes said meanwhile
+            raise AssertionError(
+                f"no answer to deploy {algorithm!r} in {timeout:g}s (task {result.id}: "
+                f"{result.backend.get_task_meta(result.id)})\n{self.log_tails()}"
+            ) from None
 
     def deployment(self, dep_id: str) -> dict[str, Any]:
         doc = self.ctl.registry.get_deployment(dep_id)
@@ -194,12 +204,13 @@ class System:
             wait_for(done, timeout, what=f"{count} deployments succeeded")
         except AssertionError as exc:
             stuck = list(self.ctl.registry.deployments.find({"state": {"$ne": "succeeded"}}))
-            logs = "\n".join(
-                f"== {p.name}\n{p.read_text()[-4000:]}"
-                for p in [*sorted(self.logs.glob("*.log")), *sorted((self.home / "nodes").glob("*.log"))]
-            )
-            raise AssertionError(f"{exc}; their states: {states}\nthe others: {stuck}\n{logs}") from None
+            raise AssertionError(f"{exc}; their states: {states}\nthe others: {stuck}\n{self.log_tails()}") from None
         assert sum(states.values()) == count, f"more deployments than {count}: {states}"
+
+    def log_tails(self, size: int = 4000) -> str:
+        """The end of each process's log (the control plane's, beat's, each node's)."""
+        paths = [*sorted(self.logs.glob("*.log")), *sorted((self.home / "nodes").glob("*.log"))]
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-size:]}" for p in paths)
 
     def dm(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run the CLI as a user would."""
