@@ -14,6 +14,7 @@ server's current run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -129,8 +130,12 @@ def observe(ports: Ports, now: float) -> Observation:
 
 def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
     """One pass: observe, judge, remember, fail over. Returns what it did."""
-    now = time.time() if now is None else now
-    obs = observe(ports, now)
+    obs = observe(ports, time.time() if now is None else now)
+    if now is None:
+        # the time Redis answered, not the time the pass began: a pass that waited out a
+        # stall (or several, started while it lasted) measures the gap since the pass before it
+        obs = dataclasses.replace(obs, now=time.time())
+    now = obs.now
     v = judge(obs, ports.settings)
     f = ports.fleet
     if v.blind_reason:

@@ -4,6 +4,7 @@ scale-in and allocations."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 from dm import deployer
 from dm import keys as k
@@ -125,6 +126,25 @@ def test_no_lease_verdict_for_a_lease_period_after_a_gap_in_the_checks(ports: Me
     for node in ports.fleet.nodes.values():
         node.lease = True  # the nodes renew within the grace
     assert detect.run(ports, now + 5.0 + ports.settings.lease_ttl + 0.1)["dead"] == []
+
+
+def test_a_pass_that_waited_out_a_stall_records_it(ports: MemoryPorts, monkeypatch) -> None:
+    # Given passes every 0.5 s, and a clock the test moves
+    clock = [warm(ports)]
+    monkeypatch.setattr(detect, "time", SimpleNamespace(time=lambda: clock[0]))
+    seen = ports.fleet.observe
+
+    def stalled() -> dict:  # Redis answers this pass's first read 5 s late
+        clock[0] += 5.0
+        return seen()
+
+    # When a pass starts and Redis stalls under it
+    monkeypatch.setattr(ports.fleet, "observe", stalled)
+    assert detect.run(ports)["blind"] is True
+
+    # Then the stall is recorded, as long as it was, for `dm status` and the metrics
+    marks = ports.fleet.marks(k.DETECTOR)
+    assert float(marks["outage_seconds"]) >= 4.5 and "no check for" in marks["outage"]
 
 
 def test_a_starting_node_has_a_grace_to_publish_its_first_lease(ports: MemoryPorts) -> None:
