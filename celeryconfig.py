@@ -7,6 +7,7 @@ dm's own settings may also be set here as ``dm_<field>`` (see ``dm/settings.py``
 
 import os
 
+from dm.constants import RESULT_RETRY_POLICY as _RESULT_RETRY_POLICY
 from dm.envconf import coerce
 
 # JSON only: the broker must never be a way to run code
@@ -38,12 +39,8 @@ broker_transport_options = {"visibility_timeout": 120, "socket_connect_timeout":
 # dm.app adds to these what DM_REDIS_URL needs: ``master_name`` and the Sentinels' own
 # timeouts for a sentinel:// URL (see dm/redis_conn.py); ``broker_use_ssl`` and
 # ``redis_backend_use_ssl`` for a rediss:// one
-# a caller waiting on a result (``deploy.delay(...).get()``) that meets a Redis outage
-# tries to resubscribe for about a minute (Celery's default gives up after ~20 s and
-# says the application must be restarted)
-result_backend_transport_options: dict[str, object] = {
-    "retry_policy": {"max_retries": 120, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
-}
+# a caller waiting on a result that meets a Redis outage resubscribes for about a minute
+result_backend_transport_options: dict[str, object] = {"retry_policy": dict(_RESULT_RETRY_POLICY)}
 # a result write that meets a Redis failover or restart is tried again for about 10 s
 # (Celery's default gives up at once, and a caller waiting on the result never hears)
 result_backend_always_retry = True

@@ -72,9 +72,7 @@ except ImportError:  # installed without the checkout: the same defaults
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 120, "socket_connect_timeout": 5, "socket_keepalive": True},
-        result_backend_transport_options={
-            "retry_policy": {"max_retries": 120, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
-        },
+        result_backend_transport_options={"retry_policy": dict(c.RESULT_RETRY_POLICY)},
         result_backend_always_retry=True,
         result_backend_max_retries=40,
         result_backend_base_sleep_between_retries_ms=50,

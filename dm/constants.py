@@ -53,3 +53,8 @@ DEFAULT_MAX_NODES = 8
 #: Flower
 DEFAULT_FLOWER_ADDRESS = "127.0.0.1"
 DEFAULT_FLOWER_PORT = 5555
+
+#: how long a caller waiting on a result (``deploy.delay(...).get()``) tries to resubscribe
+#: when Redis is away: about a minute (Celery's default gives up after ~20 s and says the
+#: application must be restarted); Celery's result backend ``retry_policy``
+RESULT_RETRY_POLICY = {"max_retries": 120, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}

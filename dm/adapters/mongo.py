@@ -124,8 +124,8 @@ class MongoDeployments:
         token = uuid.uuid4().hex[:16]
         news, ops = [], []
         for i, doc in enumerate(docs):
-            sets = {"state": state, "reason": reason, "updated_at": now, **fields, **(each[i] if each else {})}
-            sets[WRITE_MARK] = token
+            sets = {"state": state, "reason": reason, "updated_at": now, **fields, **(each[i] if each else {}),
+                    WRITE_MARK: token}  # fmt: skip
             new = {**doc, **sets, "rev": doc["rev"] + 1, "generation": doc["generation"] + step}
             new.pop("history", None)
             new.pop(WRITE_MARK, None)

@@ -14,7 +14,6 @@ server's current run.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -112,29 +111,34 @@ def judge(obs: Observation, s: Settings) -> Verdict:
     return v
 
 
-def observe(ports: Ports, now: float) -> Observation:
+def observe(ports: Ports, now: float | None = None) -> Observation:
+    """What a pass sees. Its time is ``now`` if given, else the time Redis answered its reads,
+    not the time the pass began: a pass that waited out a stall (or several, started while it
+    lasted) measures the gap since the pass before it."""
     f = ports.fleet
     nodes = f.observe()  # the live nodes only, with their leases: one read
+    present = f.present()
+    exited = set(ports.provider.exited())
+    server_id = f.server_id()
+    present_in = f.marks(k.PRESENT_IN)
+    absent_since = {n: float(t) for n, t in f.marks(k.ABSENT_SINCE).items()}
+    detector = f.marks(k.DETECTOR)
     return Observation(
-        now=now,
+        now=time.time() if now is None else now,
         nodes=nodes,
         leases={n: h.get("lease") == "1" for n, h in nodes.items()},
-        present=f.present(),
-        exited=set(ports.provider.exited()),
-        server_id=f.server_id(),
-        present_in=f.marks(k.PRESENT_IN),
-        absent_since={n: float(t) for n, t in f.marks(k.ABSENT_SINCE).items()},
-        detector=f.marks(k.DETECTOR),
+        present=present,
+        exited=exited,
+        server_id=server_id,
+        present_in=present_in,
+        absent_since=absent_since,
+        detector=detector,
     )
 
 
 def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
     """One pass: observe, judge, remember, fail over. Returns what it did."""
-    obs = observe(ports, time.time() if now is None else now)
-    if now is None:
-        # the time Redis answered, not the time the pass began: a pass that waited out a
-        # stall (or several, started while it lasted) measures the gap since the pass before it
-        obs = dataclasses.replace(obs, now=time.time())
+    obs = observe(ports, now)
     now = obs.now
     v = judge(obs, ports.settings)
     f = ports.fleet
