@@ -95,6 +95,39 @@ def test_many_decided_in_one_call_land_where_one_by_one_would(r: redis.Redis, po
     assert placed > 50 and refused > 20  # both outcomes were exercised
 
 
+def nodes_read(r: redis.Redis) -> int:
+    """Node hashes read by scripts since the last reset (each read is one HMGET)."""
+    return int(r.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+
+def test_a_decision_among_many_nodes_of_one_score_reads_few_of_them(r: redis.Redis) -> None:
+    # Given 300 empty nodes of one kind (all of score 0), and some with a deployment that adds
+    # nothing to their score (a tie on score, broken by fewer deployments, then the lower id)
+    for i in range(1, 301):
+        fleet.register_node(r, str(i), cpus=16, memory=65536, state="up")
+    for node in ("1", "10"):
+        fleet.allocate(r, node, f"free-{node}", Demand(0.0, 0.0))
+    nothing = Demand(0.0, 0.0)
+    fleet.decide(r, "warm", nothing, 80.0, "min", 3.0, 5)  # builds the index (reads every node once)
+    fleet.unlock(r, "warm")
+    # When the least-loaded node is chosen, the balancer agreeing
+    r.config_resetstat()
+    answer = fleet.decide(r, "t", nothing, 80.0, "min", 3.0, 5)
+    fleet.unlock(r, "t")
+    # Then it is the tie-break's choice, found without reading the fleet
+    assert answer[:2] == ["ok", balancer.choose(fleet.snapshot(r, 3.0), nothing, 80.0, "min").id] == ["ok", "100"]
+    r.config_resetstat()
+    fleet.decide(r, "t", nothing, 80.0, "min", 3.0, 5)
+    fleet.unlock(r, "t")
+    assert nodes_read(r) <= 3
+    # and a batch of 50 reads about one node per deployment, not 300
+    r.config_resetstat()
+    batch = fleet.decide_many(r, "t", [(f"n{i}", Demand(0.01, 1.0), 1) for i in range(50)], 80.0, "min", 3.0, 5)
+    fleet.unlock(r, "t")
+    assert batch is not None and len({node for node, _ in batch}) == 50  # spread, one each
+    assert nodes_read(r) <= 3 * 50
+
+
 def test_many_decided_wait_for_the_lock_as_one_does(r: redis.Redis) -> None:
     fleet.register_node(r, "1", cpus=1, memory=1024, state="up")
     assert fleet.decide(r, "a", Demand(0.1, 64), 80.0, "min", 3.0, 5)[0] == "ok"

@@ -82,11 +82,12 @@ def set_state(r: redis.Redis, node_id: str, state: str) -> None:
 
 
 def remove_node(r: redis.Redis, node_id: str) -> None:
+    member = r.hget(k.NODE.format(node_id), "imember")  # its entry in the placement index (see node.lua)
     pipe = r.pipeline()
     pipe.srem(k.NODES, node_id)
     pipe.srem(k.DEAD_NODES, node_id)
     pipe.hdel(k.MOVED_OFF, node_id)
-    pipe.zrem(k.PLACEMENT_INDEX, node_id)
+    pipe.zrem(k.PLACEMENT_INDEX, node_id, *([member] if member else []))
     pipe.delete(k.NODE.format(node_id), k.ALLOC.format(node_id), k.LEASE.format(node_id),
                 k.RECENT.format(node_id))  # fmt: skip
     pipe.execute()

@@ -52,15 +52,35 @@ local function figures(key, row, id, settle, alloc_pattern, recent_pattern, trim
   if ecpu > 0 and eram > 0 then score = 1.0 / (1.0 / ecpu + 1.0 / eram) end
   return {cpus = cpus, memory = memory, ecpu = ecpu, eram = eram, score = score, n = tonumber(row[8] or '0') or 0}
 end
+-- a node's entry in the placement index: its deployment count (zero-padded) and id, so nodes of
+-- the same score come in the tie-break's order (fewer deployments, then the lower id), and the
+-- least-loaded walk stops at the first that fits however many nodes share its score (an empty
+-- fleet of one kind of machine: all of them)
+local function index_member(n, id) return string.format('%09d', n) .. '|' .. id end
+local function member_id(member)
+  local bar = string.find(member, '|', 1, true)
+  if bar then return string.sub(member, bar + 1), tonumber(string.sub(member, 1, bar - 1)) end
+  return member, nil
+end
+-- set a node's entry (score and member) in the index, or take it out (f nil); the member in use
+-- is kept in the node's hash (``imember``), so a change of count replaces it
+local function set_entry(index, key, id, f, old)
+  old = old or redis.call('HGET', key, 'imember')
+  if f then
+    local member = index_member(f.n, id)
+    if old and old ~= member then redis.call('ZREM', index, old) end
+    redis.call('ZADD', index, f.score, member)
+    if old ~= member then redis.call('HSET', key, 'imember', member) end
+  elseif old then
+    redis.call('ZREM', index, old)
+    redis.call('HDEL', key, 'imember')
+  end
+end
 -- put a node in the placement index (sorted by score) if it takes work, else take it out
 local function reindex(index, node_pattern, alloc_pattern, recent_pattern, settle, id)
   local key, row = read_node(node_pattern, id)
   local f = figures(key, row, id, settle, alloc_pattern, recent_pattern, false)
-  if f then
-    redis.call('ZADD', index, f.score, id)
-  else
-    redis.call('ZREM', index, id)
-  end
+  set_entry(index, key, id, f, nil)
 end
 -- build the placement index when it is missing (a new store) or scored for another settle time
 local function ensure_index(nodes, index, settle_key, settle, node_pattern, alloc_pattern, recent_pattern)
@@ -73,11 +93,12 @@ local function ensure_index(nodes, index, settle_key, settle, node_pattern, allo
   end
 end
 -- choose a node for a demand by the policies min (want_max false) or max: its id and score, or nil.
--- The index holds every node that takes work by its score, kept current by every change of a
--- node's figures (a sample, an allocation, a release, a state: see dm/fleet), so the nodes are
--- read in score order and the walk ends at the first that fits, once the nodes of the same score
--- are seen (ties go to fewer deployments, then the lower id): the cost is that of the nodes too
--- full for this demand, not of the fleet.
+-- The index holds every node that takes work by its score (and, among equal scores, in the
+-- tie-break's order: see index_member), kept current by every change of a node's figures (a
+-- sample, an allocation, a release, a state: see dm/fleet), so the nodes are read in score order
+-- and the walk ends at the first that fits (for max, once the nodes of the same score are seen,
+-- which come in reverse): the cost is that of the nodes too full for this demand, not of the fleet.
+-- An entry found stale (the node's figures moved since) is corrected as it is read.
 local function choose(index, settle, dcpu, dmem, limit, want_max, node_pattern, alloc_pattern, recent_pattern)
   local best, bscore, bn
   local start, batch, done = 0, 32, false
@@ -89,25 +110,30 @@ local function choose(index, settle, dcpu, dmem, limit, want_max, node_pattern, 
       page = redis.call('ZRANGE', index, start, start + batch - 1, 'WITHSCORES')
     end
     if #page == 0 then break end
+    local stale = 0
     for i = 1, #page, 2 do
-      local id, indexed = page[i], tonumber(page[i + 1])
+      local member, indexed = page[i], tonumber(page[i + 1])
+      local id, n = member_id(member)
       if best and indexed ~= bscore then done = true break end
       local key, row = read_node(node_pattern, id)
       local f = figures(key, row, id, settle, alloc_pattern, recent_pattern, true)
-      if not f then
-        redis.call('ZREM', index, id)  -- a node that takes no work any more
-      else
-        if f.score ~= indexed then redis.call('ZADD', index, f.score, id) end
-        if f.ecpu + pct(dcpu, f.cpus) <= limit and f.eram + pct(dmem, f.memory) <= limit then
-          if not best or f.score ~= bscore then
-            if not best then best, bscore, bn = id, f.score, f.n end
-          elseif f.n < bn or (f.n == bn and id < best) then
-            best, bn = id, f.n
-          end
+      local fresh = f and f.score == indexed and f.n == n
+      if not fresh then
+        set_entry(index, key, id, f, member)  -- it moves in the index: the ranks after it shift
+        stale = stale + 1
+      end
+      if f and f.ecpu + pct(dcpu, f.cpus) <= limit and f.eram + pct(dmem, f.memory) <= limit then
+        if not best then
+          best, bscore, bn = id, f.score, f.n
+          -- least-loaded: the first that fits is the one, its entry being current (the ones of
+          -- its score after it have as many deployments or more)
+          if fresh and not want_max then done = true break end
+        elseif f.score == bscore and (f.n < bn or (f.n == bn and id < best)) then
+          best, bn = id, f.n
         end
       end
     end
-    start = start + batch
+    start = start + batch - stale
   end
   return best, bscore
 end
