@@ -248,7 +248,7 @@ PLACE_BATCH = 100
 BATCH_POLICIES = ("min", "max")
 
 
-def place_many(ports: Ports, docs: list[Doc]) -> list[Doc]:
+def place_many(ports: Ports, docs: list[Doc], lost: dict[str, str] | None = None) -> list[Doc]:
     """Place many waiting deployments (a dead node's, a backlog) in few round trips: for each
     batch of :data:`PLACE_BATCH`, one script takes the placement lock and chooses a node for
     each, allocating as it goes so the next choice counts the ones before (never past the
@@ -256,11 +256,18 @@ def place_many(ports: Ports, docs: list[Doc]) -> list[Doc]:
     each); one pipeline releases the lock and sends the run orders. An allocation whose write
     was refused (the deployment moved on meanwhile) is released. What found no room goes
     through :func:`place_or_grow` one by one (which adds a node). Returns each of those given
-    that was waiting, as it now stands, in the order given."""
+    that was waiting, as it now stands, in the order given.
+
+    ``lost``: the deployments are still active on a dead node (id -> why it is lost); each is
+    ``lost`` and placed again in the same write (both events recorded), and one that finds no
+    room is ``lost`` (in one write for the batch) before it goes one by one: a fail-over
+    writes each deployment once, not twice."""
     s = ports.settings
-    waiting = [d for d in docs if d["state"] in WAITING]
-    if s.policy not in BATCH_POLICIES or len(waiting) < 2:
+    waiting = [d for d in docs if d["state"] in WAITING or (lost is not None and d["_id"] in lost)]
+    if lost is None and (s.policy not in BATCH_POLICIES or len(waiting) < 2):
         return [place_or_grow(ports, d) for d in waiting]
+    if lost is not None and (s.policy not in BATCH_POLICIES or not waiting):
+        return [place_or_grow(ports, d) for d in _lose(ports, waiting, lost)]
     out: list[Doc] = []
     for low in range(0, len(waiting), PLACE_BATCH):
         batch = waiting[low : low + PLACE_BATCH]
@@ -273,10 +280,13 @@ def place_many(ports: Ports, docs: list[Doc]) -> list[Doc]:
             each = [{"node": node, "reason": f"placed on node-{node} (load {score:.1f})", "pid": None,
                      "scheduled_at": now} for _, node, score in chosen]  # fmt: skip
             docs_chosen = [d for d, _, _ in chosen]
-            placed = transition_many(
-                ports, docs_chosen, D.SCHEDULED, actor=Actor.CONTROL, reason="placed", each=each, lock=lock
-            )
-            moved = {d["_id"]: d for d in placed}
+            # from a dead node: lost on the way, in the same write
+            via = None if lost is None else D.LOST
+            via_each = None if lost is None else [{"reason": lost[d["_id"]]} for d in docs_chosen]
+            if docs_chosen:
+                placed = transition_many(ports, docs_chosen, D.SCHEDULED, actor=Actor.CONTROL, reason="placed",
+                                         each=each, lock=lock, via=via, via_each=via_each)  # fmt: skip
+                moved = {d["_id"]: d for d in placed}
         finally:
             lock.release()
             for d, node, _ in chosen:  # refused (moved on meanwhile), or the write failed
@@ -286,12 +296,22 @@ def place_many(ports: Ports, docs: list[Doc]) -> list[Doc]:
                     except Exception as exc:  # the allocations reconciler rebuilds it from the registry
                         if not ports.is_outage(exc):
                             raise
-        for d, (pick, _) in zip(batch, picks, strict=True):
-            if pick is None:
-                out.append(place_or_grow(ports, d))
-            else:
-                out.append(moved.get(d["_id"]) or ports.store.get(d["_id"]))
+        roomless = [d for d, (pick, _) in zip(batch, picks, strict=True) if pick is None]
+        if lost is not None:  # still on the dead node: lost first, then one by one
+            now_lost = {d["_id"]: d for d in _lose(ports, roomless, lost)}
+            roomless = [now_lost[d["_id"]] for d in roomless if d["_id"] in now_lost]
+        placed_alone = {d["_id"]: place_or_grow(ports, d) for d in roomless}
+        for d in batch:
+            out.append(placed_alone.get(d["_id"]) or moved.get(d["_id"]) or ports.store.get(d["_id"]))
     return out
+
+
+def _lose(ports: Ports, docs: list[Doc], why: dict[str, str]) -> list[Doc]:
+    """Deployments still active on a dead node made ``lost`` (one write); those moved."""
+    if not docs:
+        return []
+    return transition_many(ports, docs, D.LOST, actor=Actor.CONTROL, reason="lost",
+                           each=[{"reason": why[d["_id"]]} for d in docs])  # fmt: skip
 
 
 def stop(ports: Ports, dep_id: str, reason: str = "stopped by request") -> Doc:

@@ -255,6 +255,8 @@ def transition_many(
     reason: str,
     each: list[dict[str, Any]] | None = None,
     lock: Any = None,
+    via: str | None = None,
+    via_each: list[dict[str, Any]] | None = None,
     **fields: Any,
 ) -> list[Doc]:
     """The same move for many deployments, each as the caller read it (its state, generation
@@ -264,15 +266,28 @@ def transition_many(
 
     A move that places (to ``scheduled``: a new generation) gives each deployment its node in
     ``each`` and holds the placement ``lock``; the allocations are recorded already (the fleet
-    made them as it chose), and the run orders go out with the lock's release in one call."""
+    made them as it chose), and the run orders go out with the lock's release in one call.
+
+    ``via``: two moves of the table in one write, through that state (``lost`` on the way from
+    a dead node to a new one: its event is recorded with ``via_each``'s reason, then the
+    placement's), the effects of both following."""
     target = DeploymentState(to)
-    rules = {str(d["state"]): rule(d["state"], target, actor) for d in docs}
+    if via is None:
+        rules = {str(d["state"]): rule(d["state"], target, actor) for d in docs}
+    else:
+        second = rule(via, target, actor)
+        rules = {}
+        for d in docs:
+            first = rule(d["state"], via, actor)
+            rules[str(d["state"])] = Rule(first.actors & second.actors, first.effects + second.effects,
+                                          first.new_generation or second.new_generation)  # fmt: skip
     places = any(r.new_generation for r in rules.values())
     if places and (each is None or any(not e.get("node") for e in each)):
         raise IllegalTransition("a batch move that places names each deployment's node (each=[{'node': ...}])")
     moved = ports.store.compare_and_set_many(
-        docs, target.value, reason=reason, fields=fields, each=each, new_generation=places
-    )
+        docs, target.value, reason=reason, fields=fields, each=each, new_generation=places,
+        via=None if via is None else DeploymentState(via).value, via_each=via_each,
+    )  # fmt: skip
     before = {d["_id"]: d for d in docs}
     runs = []
     for new in moved:

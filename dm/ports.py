@@ -67,10 +67,14 @@ class DeploymentStore(Protocol):
         fields: dict[str, Any],
         each: list[dict[str, Any]] | None = None,
         new_generation: bool = False,
+        via: str | None = None,
+        via_each: list[dict[str, Any]] | None = None,
     ) -> list[Doc]:
         """Move each document, as read, to ``state`` (a compare-and-set on its id and rev each,
         with its event), in one write; returns the new documents of those moved. ``each``: fields
-        of each document's own (its node, its reason), over ``fields``. Only
+        of each document's own (its node, its reason), over ``fields``. With ``via``, each goes
+        through that state on the way, in the same write: its event first (with ``via_each``'s
+        fields, its reason), then the move's (two revs). Only
         :func:`dm.lifecycle.transition_many` calls it."""
         ...
 

@@ -107,6 +107,8 @@ class MemoryStore:
         fields: dict[str, Any],
         each: list[dict[str, Any]] | None = None,
         new_generation: bool = False,
+        via: str | None = None,
+        via_each: list[dict[str, Any]] | None = None,
     ) -> list[Doc]:
         self._check()
         moved = []
@@ -114,6 +116,12 @@ class MemoryStore:
             stored = self.docs.get(doc["_id"])
             if stored is None or stored["rev"] != doc["rev"]:
                 continue  # it moved on since it was read
+            if via:  # the state passed through: its event only
+                through = {**stored, "state": via, "reason": reason, "updated_at": time.time(),
+                           "rev": stored["rev"] + 1, **(via_each[i] if via_each else {})}  # fmt: skip
+                stored["rev"] += 1
+                stored.setdefault("history", []).append(event_of(through))
+                self.events.append(event_of(through))
             stored.update(state=state, reason=reason, updated_at=time.time(), rev=stored["rev"] + 1)
             stored.update(fields)
             stored.update(each[i] if each else {})

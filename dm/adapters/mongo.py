@@ -114,11 +114,14 @@ class MongoDeployments:
         fields: dict[str, Any],
         each: list[dict[str, Any]] | None = None,
         new_generation: bool = False,
+        via: str | None = None,
+        via_each: list[dict[str, Any]] | None = None,
     ) -> list[Doc]:
         if not docs:
             return []
         now = time.time()
         step = 1 if new_generation else 0
+        revs = 2 if via else 1
         # this write's mark: a deployment another writer moved to the same rev and state
         # meanwhile (a single placement racing the batch) is not taken for one of ours
         token = uuid.uuid4().hex[:16]
@@ -126,20 +129,25 @@ class MongoDeployments:
         for i, doc in enumerate(docs):
             sets = {"state": state, "reason": reason, "updated_at": now, **fields, **(each[i] if each else {}),
                     WRITE_MARK: token}  # fmt: skip
-            new = {**doc, **sets, "rev": doc["rev"] + 1, "generation": doc["generation"] + step}
+            events = []
+            if via:  # the state passed through: its event only, at the next rev, on the node it had
+                through = {**doc, "state": via, "reason": reason, "updated_at": now, "rev": doc["rev"] + 1,
+                           **(via_each[i] if via_each else {})}  # fmt: skip
+                events.append(event_of(through))
+            new = {**doc, **sets, "rev": doc["rev"] + revs, "generation": doc["generation"] + step}
             new.pop("history", None)
             new.pop(WRITE_MARK, None)
             news.append(new)
-            event = event_of(new)
-            push = (
-                {"history": {"$each": [event], "$slice": -HISTORY_KEEP}}
-                if new["rev"] % HISTORY_KEEP == 0
-                else {"history": event}
-            )
+            events.append(event_of(new))
+            # trimmed when a HISTORY_KEEP-th move is among these only: a $slice costs on each write
+            if any(e["rev"] % HISTORY_KEEP == 0 for e in events):
+                push = {"history": {"$each": events, "$slice": -HISTORY_KEEP}}
+            else:
+                push = {"history": {"$each": events} if via else events[0]}
             ops.append(
                 UpdateOne(
                     {"_id": doc["_id"], "rev": doc["rev"]},
-                    {"$set": sets, "$inc": {"rev": 1, "generation": step} if step else {"rev": 1}, "$push": push},
+                    {"$set": sets, "$inc": {"rev": revs, "generation": step} if step else {"rev": revs}, "$push": push},
                 )
             )
         result = self.col.bulk_write(ops, ordered=False)

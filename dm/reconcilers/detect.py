@@ -245,12 +245,12 @@ def move_many(ports: Ports, dead: list[tuple[str, str, float | None]], now: floa
         if stopping:
             transition_many(ports, stopping, D.STOPPED, actor=Actor.CONTROL, reason="stopped",
                             each=[{"reason": f"stopped ({reasons[d['_id']]})"} for d in stopping])  # fmt: skip
-        lost = transition_many(ports, active, D.LOST, actor=Actor.CONTROL, reason="lost",
-                               each=[{"reason": reasons[d["_id"]]} for d in active])  # fmt: skip
         for node_id in tokens:
             ports.fleet.clear_allocations(node_id)
-        deployer.place_many(ports, lost)  # in batches: one script, one bulk write, one pipeline each
-        return len(lost)
+        # lost and placed again in one write each, in batches (one script, one bulk write, one
+        # pipeline each); those that find no room are lost, and wait
+        after = deployer.place_many(ports, active, lost={d["_id"]: reasons[d["_id"]] for d in active})
+        return sum(1 for d in after if d["state"] not in ACTIVE or d.get("node") not in tokens)
     finally:
         ports.fleet.set_marks(k.MOVING, {}, drop=list(tokens))
         for node_id, token in tokens.items():

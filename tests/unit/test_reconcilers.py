@@ -324,11 +324,39 @@ def test_nodes_dead_in_one_pass_have_their_deployments_moved_together(ports: Mem
     ports.fleet.nodes["1"].lease = ports.fleet.nodes["2"].lease = False
     ports.fleet.no_presence = True
     done = detect.run(ports, now)
-    # Then one pass moves all four: one write marks them lost, one places them, each its own reason
+    # Then one pass moves all four in one write that marks each lost (its own reason) and places it
     assert done["dead"] == ["1", "2"] and done["failed_over"] == 4
-    assert writes == [4, 4]
+    assert writes == [4]
     for doc, node in [(d, "1") for d in on_1] + [(d, "2") for d in on_2]:
         moved = ports.store.get(doc["_id"])
         assert moved["state"] == "scheduled" and moved["node"] in ("3", "4") and moved["generation"] == 2
+        history = ports.store.history(doc["_id"])
+        lost, placed = history[-2:]
+        assert (lost["state"], lost["node"], lost["generation"], lost["reason"]) == (
+            "lost", node, 1, f"node-{node} lease expired",
+        )  # fmt: skip
+        assert (placed["state"], placed["node"], placed["generation"]) == ("scheduled", moved["node"], 2)
+        assert [e["rev"] for e in history] == list(range(len(history)))  # one rev each, none skipped
+
+
+def test_a_dead_nodes_deployments_that_find_no_room_are_lost_and_wait(ports: MemoryPorts) -> None:
+    # Given three deployments on node 1 that no node, nor one added, has room for (their demand
+    # raised since they were placed)
+    on_1 = running_on(ports, "1", 3)
+    for doc in on_1:
+        ports.store.docs[doc["_id"]]["demand"] = {"cpu": 64.0, "memory": 64.0}
+    now = warm(ports)
+    writes: list[int] = []
+    many = ports.store.compare_and_set_many
+    ports.store.compare_and_set_many = lambda docs, *a, **kw: writes.append(len(docs)) or many(docs, *a, **kw)  # type: ignore[method-assign]
+    # When node 1 loses its lease
+    ports.fleet.nodes["1"].lease = False
+    ports.fleet.no_presence = True
+    done = detect.run(ports, now)
+    # Then all three are lost in one write, then wait to be placed (pending: no room)
+    assert done["dead"] == ["1"] and done["failed_over"] == 3
+    assert writes[0] == 3
+    for doc in on_1:
+        assert ports.store.get(doc["_id"])["state"] == "pending"
         lost = [e for e in ports.store.history(doc["_id"]) if e["state"] == "lost"]
-        assert [e["reason"] for e in lost] == [f"node-{node} lease expired"]
+        assert [(e["node"], e["generation"], e["reason"]) for e in lost] == [("1", 1, "node-1 lease expired")]
