@@ -144,8 +144,8 @@ class Node:
     #: demand of what it runs (its usage, published with each lease)
     used_cpu: float = 0.0
     used_memory: float = 0.0
-    #: the copies started since the registry was last read for them (the algorithm's demand
-    #: is not in the run order: it is read once per deployment, by the ownership check)
+    #: the copies started from an order without the deployment's demand, since the registry
+    #: was last read for them (it is read once for each, by the ownership check)
     demand_unknown: set[str] = field(default_factory=set)
 
     def usage(self) -> tuple[float, float]:
@@ -219,7 +219,12 @@ class Worker(threading.Thread):
         copy.pid = self.hollow.new_pid()
         copy.running = True
         node.copies[copy.dep_id] = copy
-        node.demand_unknown.add(copy.dep_id)
+        if copy.payload.get("demand"):  # sent with the order: its usage from now on
+            cpu, memory = copy.demand
+            node.used_cpu += cpu
+            node.used_memory += memory
+        else:  # an order without it: learnt from the registry by the next ownership check
+            node.demand_unknown.add(copy.dep_id)
         args = copy.payload.get("args") or {}
         if "hollow_exit_after" in args:
             self.later(float(args["hollow_exit_after"]), "exit", node, (copy, int(args.get("hollow_exit_code", 0))))

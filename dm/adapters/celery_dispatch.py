@@ -40,6 +40,8 @@ def run_payload(doc: Doc) -> dict[str, Any]:
         "restart": doc["restart"],
         "restarts": doc.get("restarts", 0),
         "keep_for": doc.get("keep_for") or 0.0,
+        # what placement reserved for it on the node (cpus, MiB)
+        "demand": doc.get("demand") or {},
     }
 
 
