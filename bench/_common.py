@@ -298,7 +298,7 @@ measured in the same run, or none (then peers' figures are given as prose).
 #: the order of the sections on the page
 #: the order of the sections; any other section found in the page is kept after them
 SECTIONS = ("deploy_latency", "placement", "placement_1000", "node_idle", "failover", "failover_outages",
-            "failover_sentinel", "bridge", "scale")  # fmt: skip
+            "failover_sentinel", "bridge", "scale", "registry_costs")  # fmt: skip
 
 
 def write_section(name: str, title: str, body: str) -> Path:
