@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -248,7 +248,9 @@ PLACE_BATCH = 100
 BATCH_POLICIES = ("min", "max")
 
 
-def place_many(ports: Ports, docs: list[Doc], lost: dict[str, str] | None = None) -> list[Doc]:
+def place_many(
+    ports: Ports, docs: list[Doc], lost: dict[str, str] | None = None, between: Callable[[], bool] | None = None
+) -> list[Doc]:
     """Place many waiting deployments (a dead node's, a backlog) in few round trips: for each
     batch of :data:`PLACE_BATCH`, one script takes the placement lock and chooses a node for
     each, allocating as it goes so the next choice counts the ones before (never past the
@@ -261,7 +263,10 @@ def place_many(ports: Ports, docs: list[Doc], lost: dict[str, str] | None = None
     ``lost``: the deployments are still active on a dead node (id -> why it is lost); each is
     ``lost`` and placed again in the same write (both events recorded), and one that finds no
     room is ``lost`` (in one write for the batch) before it goes one by one: a fail-over
-    writes each deployment once, not twice."""
+    writes each deployment once, not twice.
+
+    ``between``: called before each batch after the first (a mover extends its lock); when
+    it returns False the rest are left as they are, and returned as given."""
     s = ports.settings
     waiting = [d for d in docs if d["state"] in WAITING or (lost is not None and d["_id"] in lost)]
     if lost is None and (s.policy not in BATCH_POLICIES or len(waiting) < 2):
@@ -270,6 +275,8 @@ def place_many(ports: Ports, docs: list[Doc], lost: dict[str, str] | None = None
         return [place_or_grow(ports, d) for d in _lose(ports, waiting, lost)]
     out: list[Doc] = []
     for low in range(0, len(waiting), PLACE_BATCH):
+        if low and between is not None and not between():
+            return out + waiting[low:]
         batch = waiting[low : low + PLACE_BATCH]
         wants = [(d["_id"], Demand.from_dict(d["demand"]), int(d["generation"]) + 1) for d in batch]
         lock, picks = ports.fleet.place_many_lock(wants, s.threshold, s.policy, s.reservation_settle)

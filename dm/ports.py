@@ -193,6 +193,10 @@ class Fleet(Protocol):
 
     def unlock(self, name: str, token: str) -> None: ...
 
+    def extend_lock(self, name: str, token: str, seconds: float) -> bool:
+        """Hold a lock of :meth:`try_lock` ``seconds`` more; False when it is no longer ``token``'s."""
+        ...
+
     def marks(self, name: str) -> dict[str, str]:
         """A small hash of the reconcilers' memory (absent since, idle since, ...)."""
         ...

@@ -184,3 +184,13 @@ def test_the_dead_nodes_are_kept_in_a_set_by_every_writer_of_a_state(r: redis.Re
     assert fleet.dead_nodes(r) == [] and r.hgetall(k.MOVED_OFF) == {}
     fleet.allocate(r, "1", "d1", Demand(0.1, 64))
     assert sorted(fleet.live_counts(r)) == [("1", "up", 1), ("2", "starting", 0)]
+
+
+def test_a_lock_is_extended_only_by_its_holder(r: redis.Redis) -> None:
+    r.set("dm:test:lock", "mine", px=1000)
+    assert fleet.extend_lock(r, "mine", 30, key="dm:test:lock")
+    assert 29_000 < r.pttl("dm:test:lock") <= 30_000
+    assert not fleet.extend_lock(r, "theirs", 60, key="dm:test:lock")
+    assert r.pttl("dm:test:lock") <= 30_000 and r.get("dm:test:lock") == "mine"
+    r.delete("dm:test:lock")
+    assert not fleet.extend_lock(r, "mine", 30, key="dm:test:lock") and r.get("dm:test:lock") is None

@@ -404,6 +404,9 @@ class MemoryFleet:
         if self.locks.get(name) == token:
             del self.locks[name]
 
+    def extend_lock(self, name: str, token: str, seconds: float) -> bool:
+        return self.locks.get(name) == token
+
     def marks(self, name: str) -> dict[str, str]:
         return dict(self.hashes.get(name, {}))
 

@@ -126,6 +126,9 @@ class RedisFleet:
     def unlock(self, name: str, token: str) -> None:
         fleet.unlock(self.r, token, key=k.RECONCILE_LOCK.format(name))
 
+    def extend_lock(self, name: str, token: str, seconds: float) -> bool:
+        return fleet.extend_lock(self.r, token, seconds, key=k.RECONCILE_LOCK.format(name))
+
     def marks(self, name: str) -> dict[str, str]:
         return self.r.hgetall(name)  # type: ignore[return-value]
 

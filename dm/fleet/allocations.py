@@ -13,7 +13,7 @@ import redis
 from dm import constants as c
 from dm import keys as k
 from dm.balancer import NodeView
-from dm.fleet.scripts import _ALLOCATE, _DECIDE, _DECIDE_MANY, _INDEX, _RELEASE, _SNAPSHOT, _UNLOCK, _script
+from dm.fleet.scripts import _ALLOCATE, _DECIDE, _DECIDE_MANY, _EXTEND, _INDEX, _RELEASE, _SNAPSHOT, _UNLOCK, _script
 from dm.models import Demand
 
 #: seconds a reservation counts after the node's last sample, as the index computes scores
@@ -71,6 +71,11 @@ def decide_many(
 def unlock(r: redis.Redis, token: str, pipe: Any = None, key: str = k.PLACEMENT_LOCK) -> None:
     """Release a lock taken as ``token`` (the placement lock unless ``key``; on ``pipe`` if given)."""
     _script(r, _UNLOCK)(keys=[key], args=[token], client=pipe)
+
+
+def extend_lock(r: redis.Redis, token: str, seconds: float, key: str) -> bool:
+    """Hold a lock taken as ``token`` for ``seconds`` more; False when it is no longer this token's."""
+    return bool(_script(r, _EXTEND)(keys=[key], args=[token, max(1, int(seconds * 1000))]))
 
 
 def snapshot(r: redis.Redis, settle: float, now: float | None = None) -> list[NodeView]:

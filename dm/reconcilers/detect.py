@@ -165,9 +165,10 @@ def run(ports: Ports, now: float | None = None) -> dict[str, Any]:
     return {"dead": sorted(v.dead), "failed_over": moved, "blind": v.blind_until > now}
 
 
-#: seconds a mover of a dead node's deployments holds its lock at most (a mover that died
-#: leaves it to the next after this)
-MOVE_LOCK_SECONDS = 60.0
+#: seconds a mover of a dead node's deployments holds its lock at most without renewing it
+#: (it renews it between batches of placements; a mover that died leaves the rest to the next
+#: after this)
+MOVE_LOCK_SECONDS = 20.0
 
 
 def fail_over(ports: Ports, node_id: str, reason: str, now: float | None = None, silent: bool = False) -> int:
@@ -249,8 +250,20 @@ def move_many(ports: Ports, dead: list[tuple[str, str, float | None]], now: floa
             ports.fleet.clear_allocations(node_id)
         # lost and placed again in one write each, in batches (one script, one bulk write, one
         # pipeline each); those that find no room are lost, and wait
-        after = deployer.place_many(ports, active, lost={d["_id"]: reasons[d["_id"]] for d in active})
-        return sum(1 for d in after if d["state"] not in ACTIVE or d.get("node") not in tokens)
+        movers = set(tokens)
+
+        def still_ours() -> bool:  # between batches: the locks held as long again, while they are ours
+            for node_id, token in list(tokens.items()):
+                if not ports.fleet.extend_lock(f"move:{node_id}", token, MOVE_LOCK_SECONDS):
+                    log.warning("node-%s: another mover took over its deployments", node_id)
+                    del tokens[node_id]
+            ports.fleet.set_marks(k.MOVING, {n: repr(time.time() + MOVE_LOCK_SECONDS) for n in tokens})
+            return bool(tokens)
+
+        after = deployer.place_many(
+            ports, active, lost={d["_id"]: reasons[d["_id"]] for d in active}, between=still_ours
+        )
+        return sum(1 for d in after if d["state"] not in ACTIVE or d.get("node") not in movers)
     finally:
         ports.fleet.set_marks(k.MOVING, {}, drop=list(tokens))
         for node_id, token in tokens.items():

@@ -360,3 +360,30 @@ def test_a_dead_nodes_deployments_that_find_no_room_are_lost_and_wait(ports: Mem
         assert ports.store.get(doc["_id"])["state"] == "pending"
         lost = [e for e in ports.store.history(doc["_id"]) if e["state"] == "lost"]
         assert [(e["node"], e["generation"], e["reason"]) for e in lost] == [("1", 1, "node-1 lease expired")]
+
+
+def test_a_mover_holds_its_lock_between_batches_and_stops_when_another_took_it(ports: MemoryPorts) -> None:
+    # Given 150 deployments on a big node 5, and an empty big node 6 (and the small 1 and 2)
+    ports.add_node("5", cpus=64, memory=65536)
+    on_5 = running_on(ports, "5", 150)
+    ports.add_node("6", cpus=64, memory=65536)
+    now = warm(ports)
+    extended: list[str] = []
+
+    def taken_over(name: str, token: str, seconds: float) -> bool:  # another mover took it meanwhile
+        extended.append(name)
+        ports.fleet.locks[name] = "another mover"
+        return False
+
+    ports.fleet.extend_lock = taken_over  # type: ignore[method-assign]
+    # When node 5 dies, and its mover's lock is found taken before its second batch
+    ports.fleet.nodes["5"].lease = False
+    ports.fleet.no_presence = True
+    done = detect.run(ports, now)
+    # Then it placed its first batch, and left the rest to the one that holds the lock now
+    assert extended == ["move:5"]
+    states = [(d["state"], d["node"]) for d in (ports.store.get(x["_id"]) for x in on_5)]
+    moved = [s for s in states if s[0] == "scheduled" and s[1] != "5"]  # on 6, or a few on 1 and 2
+    assert len(moved) == deployer.PLACE_BATCH == done["failed_over"]
+    assert states.count(("scheduled", "5")) == 150 - deployer.PLACE_BATCH  # as they were (not yet started)
+    assert ports.fleet.locks["move:5"] == "another mover"  # not released by the one that lost it
