@@ -68,7 +68,12 @@ def events_in(change: Doc) -> list[Doc]:
                 entries = [*entries, value]
     else:
         return []
-    return [dict(e) for e in entries if isinstance(e, dict) and "deployment_id" in e and "rev" in e]
+    # in rev order: a change may carry two moves (lost, then placed again: see
+    # dm.lifecycle.transition_many), whatever order the server lists its fields in
+    return sorted(
+        (dict(e) for e in entries if isinstance(e, dict) and "deployment_id" in e and "rev" in e),
+        key=lambda e: int(e["rev"]),
+    )
 
 
 class Relay(threading.Thread):

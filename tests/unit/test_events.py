@@ -56,3 +56,15 @@ def test_skip_marks_events_shown_before_following() -> None:
     cursor = EventCursor(log)
     cursor.skip([{"seq": 1}])
     assert [e["seq"] for e in cursor.poll()] == [2]
+
+
+def test_the_relay_takes_a_change_of_two_moves_in_rev_order() -> None:
+    from dm.relay import events_in
+
+    lost = {"deployment_id": "a", "rev": 3, "state": "lost"}
+    placed = {"deployment_id": "a", "rev": 4, "state": "scheduled"}
+    fields = {"state": "scheduled", "history.4": placed, "history.3": lost, "rev": 4}  # as a server may list them
+    change = {"operationType": "update", "updateDescription": {"updatedFields": fields}}
+    assert [e["state"] for e in events_in(change)] == ["lost", "scheduled"]
+    whole = {"operationType": "update", "updateDescription": {"updatedFields": {"history": [placed, lost]}}}
+    assert [e["rev"] for e in events_in(whole)] == [3, 4]
