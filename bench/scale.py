@@ -51,6 +51,8 @@ ALGORITHM = "hollowbench"
 #: deployments on the two failover victims
 VICTIMS = (50, 500)
 HEARTBEAT_EVERY = 0.5
+#: seconds the tenth of the nodes killed at once is waited for (the goal is 30 s for 5,000)
+TENTH_TIMEOUT = 600.0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -192,8 +194,11 @@ def failover(ctl: Any, victims: list[str], timeout: float = 180.0) -> dict[str, 
         if dead_at is not None and deps.find_one(left, {"_id": 1}) is None and deps.find_one(busy, {"_id": 1}) is None:
             moved_at = now
         time.sleep(0.2)
-    if dead_at is None or moved_at is None:
-        raise RuntimeError(f"the {len(dep_ids)} deployments of {len(victims)} node(s) did not run elsewhere in time")
+    if dead_at is None or moved_at is None:  # figures of what it reached, not a lost run
+        running = deps.count_documents({"_id": {"$in": dep_ids}, "state": "running", "node": {"$nin": victims}})
+        return {"dead_s": (dead_at - killed) if dead_at else float("nan"), "all_running_s": float("nan"),
+                "after_dead_s": float("nan"), "moved": len(dep_ids), "nodes": len(victims),
+                "running_after_timeout": running, "timeout_s": timeout}  # fmt: skip
     moved = deps.count_documents({"_id": {"$in": dep_ids}, "state": "running", "node": {"$nin": victims}})
     if moved != len(dep_ids):
         raise RuntimeError(f"{len(dep_ids) - moved} of the {len(dep_ids)} deployments of {victims} are not running")
@@ -301,7 +306,7 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
             row[f"failover{count}"]["cpu_s"] = {k: round(after[k] - before[k], 1) for k in after if k in before}
         # a tenth of the nodes at once (not the victims, which are dead already)
         tenth = others[-max(1, nodes // 10) :]
-        row["failover_tenth"] = {k: round(v, 2) for k, v in failover(ctl, tenth).items()}
+        row["failover_tenth"] = {k: round(v, 2) for k, v in failover(ctl, tenth, timeout=TENTH_TIMEOUT).items()}
 
         from dm.tasks import deploy
 
@@ -366,6 +371,8 @@ def report(rows: list[dict[str, Any]]) -> str:
         if not f:
             return "-"
         what = f"{f['nodes']} nodes, {f['moved']} deployments: " if key == "failover_tenth" else ""
+        if "running_after_timeout" in f:
+            return f"{what}{f['running_after_timeout']} running elsewhere after {f['timeout_s']:.0f} s (not all)"
         return f"{what}{f['all_running_s']:.2f} s ({f['after_dead_s']:.2f} after dead)"
 
     header = ["N / D", "quiet pass p50 / p99 ms", "pass in burst p99 ms", "deploys/s", "deploy->running p50 / p99 ms",
