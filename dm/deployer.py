@@ -269,10 +269,8 @@ def place_many(
     it returns False the rest are left as they are, and returned as given."""
     s = ports.settings
     waiting = [d for d in docs if d["state"] in WAITING or (lost is not None and d["_id"] in lost)]
-    if lost is None and (s.policy not in BATCH_POLICIES or len(waiting) < 2):
-        return [place_or_grow(ports, d) for d in waiting]
-    if lost is not None and (s.policy not in BATCH_POLICIES or not waiting):
-        return [place_or_grow(ports, d) for d in _lose(ports, waiting, lost)]
+    if s.policy not in BATCH_POLICIES or (lost is None and len(waiting) < 2):  # one by one
+        return [place_or_grow(ports, d) for d in (waiting if lost is None else _lose(ports, waiting, lost))]
     out: list[Doc] = []
     for low in range(0, len(waiting), PLACE_BATCH):
         if low and between is not None and not between():

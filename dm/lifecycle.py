@@ -141,6 +141,13 @@ def event_of(doc: Doc) -> Doc:
     }
 
 
+def event_passing(doc: Doc, state: str, reason: str, now: float, fields: dict[str, Any] | None = None) -> Doc:
+    """The event of a state a move passes through (``via`` of :func:`transition_many`): at the
+    rev after ``doc``'s, on the node it had, with ``fields`` (its reason) over ``reason``."""
+    return event_of({**doc, "state": state, "reason": reason, "updated_at": now, "rev": doc["rev"] + 1,
+                     **(fields or {})})  # fmt: skip
+
+
 def new_deployment(
     request: DeployRequest, algorithm: Doc, node: str | None = None, reason: str = "", since: float = 0.0
 ) -> Doc:

@@ -148,6 +148,12 @@ class Node:
     #: was last read for them (it is read once for each, by the ownership check)
     demand_unknown: set[str] = field(default_factory=set)
 
+    def charge(self, copy: Copy, sign: float = 1.0) -> None:
+        """Count a copy's demand in the node's usage (``sign`` -1: no longer)."""
+        cpu, memory = copy.demand
+        self.used_cpu = max(0.0, self.used_cpu + sign * cpu)
+        self.used_memory = max(0.0, self.used_memory + sign * memory)
+
     def usage(self) -> tuple[float, float]:
         return self.used_cpu / self.cpus * 100.0, self.used_memory / self.memory * 100.0
 
@@ -220,9 +226,7 @@ class Worker(threading.Thread):
         copy.running = True
         node.copies[copy.dep_id] = copy
         if copy.payload.get("demand"):  # sent with the order: its usage from now on
-            cpu, memory = copy.demand
-            node.used_cpu += cpu
-            node.used_memory += memory
+            node.charge(copy)
         else:  # an order without it: learnt from the registry by the next ownership check
             node.demand_unknown.add(copy.dep_id)
         args = copy.payload.get("args") or {}
@@ -319,9 +323,7 @@ class Worker(threading.Thread):
         if node.copies.get(copy.dep_id) is copy:
             del node.copies[copy.dep_id]
             if copy.dep_id not in node.demand_unknown:
-                cpu, memory = copy.demand
-                node.used_cpu = max(0.0, node.used_cpu - cpu)
-                node.used_memory = max(0.0, node.used_memory - memory)
+                node.charge(copy, -1)
             node.demand_unknown.discard(copy.dep_id)
         copy.running = False
 
@@ -353,9 +355,7 @@ class Worker(threading.Thread):
             elif dep_id in node.demand_unknown:
                 node.demand_unknown.discard(dep_id)
                 copy.payload["demand"] = doc.get("demand") or {}
-                cpu, memory = copy.demand
-                node.used_cpu += cpu
-                node.used_memory += memory
+                node.charge(copy)
 
 
 class HollowFleet:

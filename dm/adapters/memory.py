@@ -20,7 +20,7 @@ from dm import balancer
 from dm import keys as k
 from dm.balancer import NodeView
 from dm.errors import UnknownAlgorithm, UnknownDeployment
-from dm.lifecycle import ACTIVE, WAITING, D, NodeState, event_of
+from dm.lifecycle import ACTIVE, WAITING, D, NodeState, event_of, event_passing
 from dm.models import Demand
 from dm.ports import Ports
 from dm.settings import Settings
@@ -117,11 +117,10 @@ class MemoryStore:
             if stored is None or stored["rev"] != doc["rev"]:
                 continue  # it moved on since it was read
             if via:  # the state passed through: its event only
-                through = {**stored, "state": via, "reason": reason, "updated_at": time.time(),
-                           "rev": stored["rev"] + 1, **(via_each[i] if via_each else {})}  # fmt: skip
+                passed = event_passing(stored, via, reason, time.time(), via_each[i] if via_each else None)
                 stored["rev"] += 1
-                stored.setdefault("history", []).append(event_of(through))
-                self.events.append(event_of(through))
+                stored.setdefault("history", []).append(passed)
+                self.events.append(dict(passed))
             stored.update(state=state, reason=reason, updated_at=time.time(), rev=stored["rev"] + 1)
             stored.update(fields)
             stored.update(each[i] if each else {})

@@ -16,7 +16,7 @@ from typing import Any
 from pymongo import UpdateOne
 from pymongo.errors import DuplicateKeyError
 
-from dm.lifecycle import ACTIVE, WAITING, D, event_of
+from dm.lifecycle import ACTIVE, WAITING, D, event_of, event_passing
 from dm.models import Demand
 from dm.registry import Registry
 from dm.registry.base import find_in
@@ -129,11 +129,8 @@ class MongoDeployments:
         for i, doc in enumerate(docs):
             sets = {"state": state, "reason": reason, "updated_at": now, **fields, **(each[i] if each else {}),
                     WRITE_MARK: token}  # fmt: skip
-            events = []
-            if via:  # the state passed through: its event only, at the next rev, on the node it had
-                through = {**doc, "state": via, "reason": reason, "updated_at": now, "rev": doc["rev"] + 1,
-                           **(via_each[i] if via_each else {})}  # fmt: skip
-                events.append(event_of(through))
+            # the state passed through: its event only
+            events = [event_passing(doc, via, reason, now, via_each[i] if via_each else None)] if via else []
             new = {**doc, **sets, "rev": doc["rev"] + revs, "generation": doc["generation"] + step}
             new.pop("history", None)
             new.pop(WRITE_MARK, None)
