@@ -166,16 +166,27 @@ def timed(fn: Any, runs: int = 3) -> float:
 
 def failover(ctl: Any, victims: list[str], timeout: float = 180.0) -> dict[str, float]:
     """Kill hollow nodes at once; seconds until all are dead in the registry and until all
-    their deployments run elsewhere."""
+    their deployments run elsewhere.
+
+    Followed by their events (the relay's copies, read by number from the mark at the kill:
+    each poll costs what happened since the last), not by querying the deployments: the
+    registry (SecantusDB) reads every document a query matches before it applies a limit, so
+    a poll of "any still scheduled?" read all thousands of them five times a second and took
+    the registry's time from the failover it measured. Once the events show every one
+    running on another node, the deployments themselves are read (by id, in chunks) to
+    confirm it; the time is the poll's that saw it in the events."""
+    from dm.registry.events import EventCursor
     from workers.hollow import KILL_KEY
 
     dep_ids = [d["_id"] for d in ctl.registry.deployments.find(
         {"node": {"$in": victims}, "state": "running"}, {"_id": 1})]  # fmt: skip
-    from dm.lifecycle import ACTIVE
-
-    active = [str(state) for state in ACTIVE]
     deps = ctl.registry.deployments
-    killed = time.monotonic()
+    out = set(victims)
+    cursor = EventCursor(ctl.registry)
+    cursor.last = ctl.registry.events_mark()
+    latest: dict[str, tuple[int, str, str | None]] = {}  # deployment -> (rev, state, node) of its newest event
+    waiting = set(dep_ids)  # not yet running elsewhere, as their events show
+    killed, killed_wall = time.monotonic(), time.time()
     ctl.redis.sadd(KILL_KEY, *victims)
     dead_at = moved_at = None
     while moved_at is None and time.monotonic() - killed < timeout:
@@ -184,14 +195,18 @@ def failover(ctl: Any, victims: list[str], timeout: float = 180.0) -> dict[str, 
             victims
         ):
             dead_at = now
-        # two lookups of one document on indexed fields, 5 times a second: none left on the
-        # victims, and none anywhere waiting or starting (the other deployments all run). Not
-        # counts: SecantusDB's count fetches every match, even with a limit (hundreds here,
-        # 30 ms a poll, profiled); nor an `_id $in` of 500 ids (the server matches every
-        # candidate against the list)
-        left = {"node": {"$in": victims}, "state": {"$in": active}}
-        busy = {"state": {"$in": ["pending", "lost", "scheduled"]}}
-        if dead_at is not None and deps.find_one(left, {"_id": 1}) is None and deps.find_one(busy, {"_id": 1}) is None:
+        while events := cursor.poll():
+            for e in events:
+                dep = e["deployment_id"]
+                if dep not in latest and dep not in waiting:
+                    continue  # not one of theirs
+                if int(e["rev"]) >= latest.get(dep, (-1, "", None))[0]:
+                    latest[dep] = (int(e["rev"]), e["state"], e.get("node"))
+                    if e["state"] == "running" and e.get("node") not in out:
+                        waiting.discard(dep)
+                    else:
+                        waiting.add(dep)
+        if dead_at is not None and not waiting and running_elsewhere(deps, dep_ids, victims) == len(dep_ids):
             moved_at = now
         time.sleep(0.2)
     if dead_at is None or moved_at is None:  # figures of what it reached, not a lost run
@@ -199,11 +214,19 @@ def failover(ctl: Any, victims: list[str], timeout: float = 180.0) -> dict[str, 
         return {"dead_s": (dead_at - killed) if dead_at else float("nan"), "all_running_s": float("nan"),
                 "after_dead_s": float("nan"), "moved": len(dep_ids), "nodes": len(victims),
                 "running_after_timeout": running, "timeout_s": timeout}  # fmt: skip
-    moved = running_elsewhere(deps, dep_ids, victims)
-    if moved != len(dep_ids):
-        raise RuntimeError(f"{len(dep_ids) - moved} of the {len(dep_ids)} deployments of {victims} are not running")
     return {"dead_s": dead_at - killed, "all_running_s": moved_at - killed, "after_dead_s": moved_at - dead_at,
-            "moved": len(dep_ids), "nodes": len(victims)}  # fmt: skip
+            "moved": len(dep_ids), "nodes": len(victims), "retried": retried(deps, dep_ids, killed_wall)}  # fmt: skip
+
+
+def retried(deps: Any, dep_ids: list[str], since: float) -> int:
+    """How many of ``dep_ids`` were placed more than once since ``since`` (their new node did
+    not report them running within the start timeout, or another move took them)."""
+    from dm.registry.base import find_in
+
+    def placed(doc: dict[str, Any]) -> int:
+        return sum(1 for e in doc.get("history") or [] if e.get("state") == "scheduled" and e["time"] >= since)
+
+    return sum(1 for d in find_in(deps, dep_ids, {"history.state": 1, "history.time": 1}) if placed(d) > 1)
 
 
 def running_elsewhere(deps: Any, dep_ids: list[str], victims: list[str]) -> int:
@@ -382,7 +405,8 @@ def report(rows: list[dict[str, Any]]) -> str:
         what = f"{f['nodes']} nodes, {f['moved']} deployments: " if key == "failover_tenth" else ""
         if "running_after_timeout" in f:
             return f"{what}{f['running_after_timeout']} running elsewhere after {f['timeout_s']:.0f} s (not all)"
-        return f"{what}{f['all_running_s']:.2f} s ({f['after_dead_s']:.2f} after dead)"
+        again = f", {f['retried']} placed twice" if f.get("retried") else ""
+        return f"{what}{f['all_running_s']:.2f} s ({f['after_dead_s']:.2f} after dead{again})"
 
     header = ["N / D", "quiet pass p50 / p99 ms", "pass in burst p99 ms", "deploys/s", "deploy->running p50 / p99 ms",
               "failover 50", "failover 500", "10% of nodes at once", "dm status s (fn)", "dm deployments s (fn)",
