@@ -6,7 +6,8 @@ relay follows the deployments' change stream and inserts the events each change
 carries into the ``events`` collection, which every reader of events uses (`dm events`,
 the metrics exporter, the Kafka bridge). Its position in the stream (the resume token)
 is saved in MongoDB after each batch, so a restart goes on where the last relay
-stopped; (deployment_id, rev) is unique in ``events``, so an event copied twice is
+stopped; with it, the newest ``created_at`` of a deployment it has seen (where `dm deployments`
+starts reading newest first); (deployment_id, rev) is unique in ``events``, so an event copied twice is
 stored once. The relay numbers the events it stores (``seq``, also their ``_id``:
 increasing, in the registry's order) and saves the highest number with its position: every reader of
 events (the publisher, `dm events -f`, the metrics) follows ``seq`` up to that saved
@@ -48,7 +49,8 @@ SAVE_EVERY = 10.0
 #: deployments whose highest copied rev is remembered (to skip re-sent history cheaply)
 REMEMBER = 50_000
 #: only what the relay reads of each change (the server sends less)
-PIPELINE = [{"$project": {"operationType": 1, "fullDocument.history": 1, "updateDescription.updatedFields": 1}}]
+PIPELINE = [{"$project": {"operationType": 1, "fullDocument.history": 1, "fullDocument.created_at": 1,
+                          "updateDescription.updatedFields": 1}}]  # fmt: skip
 #: the stream could not be resumed from the saved position (history lost, bad token)
 RESUME_FAILED = {260, 280, 286}
 
@@ -76,6 +78,14 @@ def events_in(change: Doc) -> list[Doc]:
     )
 
 
+def created_in(change: Doc) -> float | None:
+    """When the deployment a change inserted was created (None for any other change)."""
+    if change.get("operationType") not in ("insert", "replace"):
+        return None
+    created = (change.get("fullDocument") or {}).get("created_at")
+    return float(created) if isinstance(created, (int, float)) else None
+
+
 class Relay(threading.Thread):
     def __init__(self, ctl: Control, stop: threading.Event | None = None, lease_ttl: float = 5.0) -> None:
         super().__init__(name="dm-relay", daemon=True)
@@ -86,6 +96,9 @@ class Relay(threading.Thread):
         self.copied: dict[str, int] = {}  # deployment id -> highest rev stored
         self.stored = 0  # events stored by this relay (for tests and logs)
         self.seq = 0  # the last number given to an event
+        # the newest ``created_at`` of a deployment seen since the last save: saved with the
+        # position (as a maximum), where `dm deployments` starts its newest-first windows
+        self.newest: float | None = None
 
     def run(self) -> None:
         backoff = Backoff(0.5, 10.0)
@@ -130,12 +143,12 @@ class Relay(threading.Thread):
         with stream:
             while not self.stop.is_set() and self.lease.hold():
                 # changes come in batches of the server's; an empty answer waits up to AWAIT_MS
-                rows = events_in(change) if change is not None else []
+                rows = self.read(change) if change is not None else []
                 while len(rows) < BATCH:
                     change = stream.try_next()
                     if change is None:
                         break
-                    rows += events_in(change)
+                    rows += self.read(change)
                 change = None
                 if rows:
                     self.store(rows)
@@ -143,11 +156,20 @@ class Relay(threading.Thread):
                     self._save(stream.resume_token)
                     last_save = time.monotonic()
 
+    def read(self, change: Doc) -> list[Doc]:
+        """The events of a change, noting when the deployment it inserted was created."""
+        created = created_in(change)
+        if created is not None:
+            self.newest = max(created, self.newest or created)
+        return events_in(change)
+
     def catch_up(self) -> None:
         """Copy every history entry of every deployment that ``events`` lacks."""
         started, rows = time.monotonic(), []
         before = self.stored
-        for doc in self.ctl.registry.deployments.find({}, {"history": 1}):
+        for doc in self.ctl.registry.deployments.find({}, {"history": 1, "created_at": 1}):
+            if isinstance(created := doc.get("created_at"), (int, float)):
+                self.newest = max(float(created), self.newest or float(created))
             rows += [dict(e) for e in doc.get("history") or [] if isinstance(e, dict) and "rev" in e]
             if len(rows) >= BATCH:
                 self.store(rows)
@@ -176,11 +198,16 @@ class Relay(threading.Thread):
             self.copied[r["deployment_id"]] = max(r["rev"], self.copied.get(r["deployment_id"], -1))
 
     def _save(self, token: Any) -> None:
-        """Save the position in the stream, and ``seq``: every event numbered up to it is stored."""
+        """Save the position in the stream, and ``seq``: every event numbered up to it is stored;
+        and the newest creation seen (``newest_created``, kept as a maximum)."""
         sets: Doc = {"seq": self.seq, "at": time.time()}
         if token is not None:
             sets["token"] = token
-        self.meta.update_one({"_id": "relay"}, {"$set": sets}, upsert=True)
+        update: Doc = {"$set": sets}
+        if self.newest is not None:
+            update["$max"] = {"newest_created": self.newest}
+        self.meta.update_one({"_id": "relay"}, update, upsert=True)
+        self.newest = None
 
 
 _relay: Relay | None = None

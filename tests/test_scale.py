@@ -381,3 +381,73 @@ def test_dm_deployments_pages_newest_first_with_filters(make_system: Any, tmp_pa
     assert bad.returncode == 1 and "--all lists every deployment" in bad.stderr
     table = system.dm("deployments", "--limit", "2").stdout
     assert "older ones: --before" in table
+
+
+class CountingCollection:
+    """The deployments collection, counting the documents its reads return."""
+
+    def __init__(self, col: Any) -> None:
+        self.col, self.read = col, 0
+
+    def find(self, *args: Any, **kwargs: Any) -> CountingCollection:
+        self.cursor = self.col.find(*args, **kwargs)
+        return self
+
+    def sort(self, *args: Any) -> CountingCollection:
+        self.cursor = self.cursor.sort(*args)
+        return self
+
+    def limit(self, n: int) -> CountingCollection:
+        self.cursor = self.cursor.limit(n)
+        return self
+
+    def __iter__(self) -> Any:
+        for doc in self.cursor:
+            self.read += 1
+            yield doc
+
+
+@pytest.mark.slow
+def test_the_first_page_an_hour_after_a_burst_reads_about_a_page(make_system: Any, tmp_path: Path) -> None:
+    """`dm deployments` starts its newest-first windows at the newest deployment the relay has
+    seen: a page read an hour after a burst of 3,000 reads a window of them, not the burst
+    (from now, the window that reaches the burst an hour back is as wide as the hour)."""
+    from dm import relay
+    from dm.status import list_deployments
+
+    system = make_system(nodes=0, control=False, beat=False)
+    ctl = system.ctl
+    registry = ctl.registry
+    add_algorithm(registry, tmp_path)
+    the_relay = relay.Relay(ctl)
+    the_relay.start()
+    try:
+        hour_ago = time.time() - 3600
+        docs = []
+        for i in range(3000):  # 1,000 a second, an hour ago
+            doc = registry.new_deployment(DeployRequest(algorithm=ALGORITHM), ctl.algorithm(ALGORITHM), node="1")
+            doc.update(created_at=hour_ago + i / 1000, state="running")
+            docs.append(doc)
+        registry.deployments.insert_many(docs)
+        newest = hour_ago + 2.999
+        wait_for(lambda: (registry.newest_created() or 0) >= newest, timeout=60, what="the relay to see the burst")
+        assert registry.newest_created() == pytest.approx(newest)
+        truth = [d["_id"] for d in sorted(docs, key=lambda d: (-d["created_at"], d["_id"]))[:50]]
+
+        counting = CountingCollection(registry.deployments)
+        registry.deployments = counting  # type: ignore[assignment]
+        # filtered by algorithm: no limit on the reads, so what they return is what they match
+        assert [d["_id"] for d in list_deployments(ctl, algorithm=ALGORITHM)] == truth
+        assert counting.read <= 500, f"the first page read {counting.read} deployments"
+
+        # a relay that has not saved its position for long is not believed: from now, the
+        # windows read the whole burst (what the relay's mark saves)
+        the_relay.stop.set()
+        the_relay.join(5)
+        registry.db["meta"].update_one({"_id": "relay"}, {"$set": {"at": 0.0}})
+        counting.read = 0
+        assert [d["_id"] for d in list_deployments(ctl, algorithm=ALGORITHM)] == truth
+        assert counting.read == 3000
+    finally:
+        the_relay.stop.set()
+        the_relay.join(5)

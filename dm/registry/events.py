@@ -4,6 +4,7 @@ the bridge's publisher)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dm import constants as c
@@ -107,6 +108,16 @@ class Events(Collections):
             if not found:
                 return seq
             seq = max(int(i) for i in found)
+
+    def newest_created(self, fresh: float = 60.0) -> float | None:
+        """The newest ``created_at`` of a deployment the relay has seen, if it saved its position
+        in the last ``fresh`` seconds (a relay that follows saves it every few seconds; one that
+        stopped knows nothing of what was made since). None when unknown."""
+        meta = self.db[c.META].find_one({"_id": "relay"}, {"newest_created": 1, "at": 1}) or {}
+        newest, at = meta.get("newest_created"), meta.get("at")
+        if not isinstance(newest, (int, float)) or not isinstance(at, (int, float)) or time.time() - at > fresh:
+            return None
+        return float(newest)
 
     def events_mark(self) -> int:
         """The relay's mark: every event numbered up to it is stored (see :mod:`dm.relay`)."""
