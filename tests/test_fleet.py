@@ -4,6 +4,7 @@ balancer on the same figures, and the running totals of allocations stay exact."
 from __future__ import annotations
 
 import random
+import time
 import uuid
 
 import pytest
@@ -194,3 +195,30 @@ def test_a_lock_is_extended_only_by_its_holder(r: redis.Redis) -> None:
     assert r.pttl("dm:test:lock") <= 30_000 and r.get("dm:test:lock") == "mine"
     r.delete("dm:test:lock")
     assert not fleet.extend_lock(r, "mine", 30, key="dm:test:lock") and r.get("dm:test:lock") is None
+
+
+def test_a_sample_settles_what_was_placed_before_it_once(r: redis.Redis) -> None:
+    """A node's sample taken ``settle`` after its allocations counts them in its usage: they
+    leave its recent set then, so later samples do not read them again (a node that no
+    placement chose since read all its settled allocations at every sample)."""
+    fleet.register_node(r, "1", cpus=16, memory=65536, state="up")
+    demand = Demand(0.01, 1.0)
+    pipe = r.pipeline(transaction=False)
+    for i in range(500):
+        fleet.allocate(r, "1", f"d{i}", demand, pipe=pipe)
+    pipe.execute()
+    recent = k.RECENT.format("1")
+    assert r.zcard(recent) == 500
+    (before,) = fleet.snapshot(r, fleet.INDEX_SETTLE)
+    assert before.reserved_cpu == pytest.approx(5.0)  # no sample since: all reserved
+
+    later = MetricsSample("1", cpu=40.0, ram=10.0, ts=time.time() + fleet.INDEX_SETTLE + 1)
+    fleet.publish(r, later, lease_ttl=60, token="t")
+    assert r.zcard(recent) == 0  # settled: in the sample's usage now, not reserved
+    (after,) = fleet.snapshot(r, fleet.INDEX_SETTLE)
+    assert after.reserved_cpu == pytest.approx(0.0, abs=1e-6)
+    assert (after.deployments, after.committed_cpu) == (500, pytest.approx(5.0))
+    # the index scores the node on the sample (the committed share is below it)
+    assert float(r.zscore(k.PLACEMENT_INDEX, r.hget(k.NODE.format("1"), "imember"))) == pytest.approx(
+        balancer.load(40.0, 10.0)
+    )

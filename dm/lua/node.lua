@@ -8,9 +8,11 @@ local function read_node(pattern, id)
                          'alloc_cpu', 'alloc_memory', 'alloc_n', 'ts', 'res_cpu', 'res_memory')
 end
 -- the node's reserved cpu and memory: what was placed after its last sample minus settle.
--- With ``trim`` (placement, which writes anyway) allocations older than that leave the recent
--- set and its totals, so the cost grows only with what was placed since; without it (a snapshot
--- for a reader) it is a look that changes nothing.
+-- With ``trim`` (placement and every reindex, which write anyway) allocations older than that
+-- leave the recent set and its totals, so the cost grows only with what was placed since;
+-- without it (a snapshot for a reader) it is a look that changes nothing. A reindex that did
+-- not trim read every settled allocation again at each sample of a node no placement chose
+-- since (1,000 of them: 15 ms of Redis a sample, measured).
 local function reserved(key, row, id, settle, alloc_pattern, recent_pattern, trim)
   local ts = tonumber(row[9] or '0') or 0
   local cpu, memory = tonumber(row[10] or '0') or 0, tonumber(row[11] or '0') or 0
@@ -79,7 +81,7 @@ end
 -- put a node in the placement index (sorted by score) if it takes work, else take it out
 local function reindex(index, node_pattern, alloc_pattern, recent_pattern, settle, id)
   local key, row = read_node(node_pattern, id)
-  local f = figures(key, row, id, settle, alloc_pattern, recent_pattern, false)
+  local f = figures(key, row, id, settle, alloc_pattern, recent_pattern, true)
   set_entry(index, key, id, f, nil)
 end
 -- build the placement index when it is missing (a new store) or scored for another settle time
