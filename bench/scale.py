@@ -184,10 +184,10 @@ def failover(ctl: Any, victims: list[str], timeout: float = 180.0) -> dict[str, 
     dep_ids = [d["_id"] for d in ctl.registry.deployments.find(
         {"node": {"$in": victims}, "state": "running"}, {"_id": 1})]  # fmt: skip
     deps = ctl.registry.deployments
-    out = set(victims)
+    out, theirs = set(victims), set(dep_ids)
     cursor = EventCursor(ctl.registry)
     cursor.last = ctl.registry.events_mark()
-    latest: dict[str, tuple[int, str, str | None]] = {}  # deployment -> (rev, state, node) of its newest event
+    newest: dict[str, int] = {}  # deployment -> rev of its newest event read
     waiting = set(dep_ids)  # not yet running elsewhere, as their events show
     killed, killed_wall = time.monotonic(), time.time()
     ctl.redis.sadd(KILL_KEY, *victims)
@@ -200,11 +200,9 @@ def failover(ctl: Any, victims: list[str], timeout: float = 180.0) -> dict[str, 
             dead_at = now
         while events := cursor.poll():
             for e in events:
-                dep = e["deployment_id"]
-                if dep not in latest and dep not in waiting:
-                    continue  # not one of theirs
-                if int(e["rev"]) >= latest.get(dep, (-1, "", None))[0]:
-                    latest[dep] = (int(e["rev"]), e["state"], e.get("node"))
+                dep, rev = e["deployment_id"], int(e["rev"])
+                if dep in theirs and rev >= newest.get(dep, -1):
+                    newest[dep] = rev
                     if e["state"] == "running" and e.get("node") not in out:
                         waiting.discard(dep)
                     else:

@@ -78,14 +78,6 @@ def events_in(change: Doc) -> list[Doc]:
     )
 
 
-def created_in(change: Doc) -> float | None:
-    """When the deployment a change inserted was created (None for any other change)."""
-    if change.get("operationType") not in ("insert", "replace"):
-        return None
-    created = (change.get("fullDocument") or {}).get("created_at")
-    return float(created) if isinstance(created, (int, float)) else None
-
-
 class Relay(threading.Thread):
     def __init__(self, ctl: Control, stop: threading.Event | None = None, lease_ttl: float = 5.0) -> None:
         super().__init__(name="dm-relay", daemon=True)
@@ -158,18 +150,21 @@ class Relay(threading.Thread):
 
     def read(self, change: Doc) -> list[Doc]:
         """The events of a change, noting when the deployment it inserted was created."""
-        created = created_in(change)
-        if created is not None:
-            self.newest = max(created, self.newest or created)
+        if change.get("operationType") in ("insert", "replace"):
+            self.saw_created((change.get("fullDocument") or {}).get("created_at"))
         return events_in(change)
+
+    def saw_created(self, created: Any) -> None:
+        """Keep the newest ``created_at`` seen since the last save (a number, else ignored)."""
+        if isinstance(created, (int, float)):
+            self.newest = max(float(created), self.newest or float(created))
 
     def catch_up(self) -> None:
         """Copy every history entry of every deployment that ``events`` lacks."""
         started, rows = time.monotonic(), []
         before = self.stored
         for doc in self.ctl.registry.deployments.find({}, {"history": 1, "created_at": 1}):
-            if isinstance(created := doc.get("created_at"), (int, float)):
-                self.newest = max(float(created), self.newest or float(created))
+            self.saw_created(doc.get("created_at"))
             rows += [dict(e) for e in doc.get("history") or [] if isinstance(e, dict) and "rev" in e]
             if len(rows) >= BATCH:
                 self.store(rows)
