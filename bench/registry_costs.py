@@ -63,7 +63,7 @@ def documents(ctl: Any, count: int) -> list[dict[str, Any]]:
         doc = ctl.registry.new_deployment(DeployRequest(algorithm="costs"), algorithm, node=str(i % 50 + 1))
         state = "succeeded" if i % 10 == 0 else "running"
         doc.update(state=state, rev=2, created_at=now - i, updated_at=now, reason="seeded")
-        doc["history"].append(event_of(doc))
+        doc["history"].append(event_of(doc, "scheduled"))
         docs.append(doc)
     return docs
 

@@ -136,7 +136,7 @@ def seed(ctl: Any, algorithm: dict[str, Any], counts: dict[str, int]) -> tuple[f
         for _ in range(count):
             doc = ctl.registry.new_deployment(DeployRequest(algorithm=ALGORITHM), algorithm, node=node_id)
             doc.update(state="running", rev=2, pid=FAKE_PID_BASE - 1, updated_at=time.time(), reason="seeded")
-            doc["history"].append(event_of(doc))
+            doc["history"].append(event_of(doc, "scheduled"))
             events += len(doc["history"])  # pending, scheduled, running
             docs.append(doc)
             if len(docs) >= 1000:

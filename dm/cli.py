@@ -15,7 +15,7 @@ from typing import Any
 from dm.errors import ConfigError, DMError, RegistryUnavailable, UnknownAlgorithm, UnknownDeployment
 from dm.models import FINAL_STATES, RUNNING
 from dm.settings import Settings, ensure_home, mask_url, read_stack_state
-from dm.status import DEFAULT_LIMIT, deployment_counts, node_rows, recent_events
+from dm.status import DEFAULT_LIMIT, counted, node_rows, recent_events
 
 #: exit codes
 EXIT_OK = 0
@@ -387,19 +387,20 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     ctl = _control()
     nodes = [n for n in node_rows(ctl) if n["state"] != "stopped"]
-    counts = deployment_counts(ctl)
+    counts, how = counted(ctl)
     events = [_event_row(e) for e in recent_events(ctl, a.events)]
     where = endpoints(ctl.settings)
     store = health.control_store(ctl)
     if a.json:
         _print_json({"endpoints": where, "control_store": store, "nodes": nodes, "deployments": counts,
-                     "events": events})  # fmt: skip
+                     "deployments_counted_by": how, "events": events})  # fmt: skip
         return EXIT_OK
     print("ENDPOINTS  " + "  ".join(f"{k}: {v or '-'}" for k, v in where.items()))
     print("CONTROL STORE  " + health.summary(store))
     print("\nNODES")
     _table(nodes, ["name", "host", "state", "cpu", "ram", "load", "deployments"])
-    print("\nDEPLOYMENTS  " + ("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "(none)"))
+    by = "  (counted by the relay, a moment behind)" if how == "relay" else ""
+    print("\nDEPLOYMENTS  " + ("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "(none)") + by)
     print("\nLAST EVENTS")
     for row in events:
         node = f" node-{row['node']}" if row["node"] else ""

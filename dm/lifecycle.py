@@ -125,13 +125,16 @@ TABLE: dict[tuple[DeploymentState, DeploymentState], Rule] = {
 }
 
 
-def event_of(doc: Doc) -> Doc:
-    """The event of a deployment's current state (as pushed onto its ``history``)."""
+def event_of(doc: Doc, frm: str | None = None) -> Doc:
+    """The event of a deployment's current state (as pushed onto its ``history``), and
+    ``from``: the state it left (None for the first), from which the relay keeps the count
+    of deployments in each state (see :mod:`dm.relay`)."""
     return {
         "deployment_id": doc["_id"],
         "request_id": doc["request_id"],
         "algorithm": doc["algorithm"],
         "state": str(doc["state"]),
+        "from": None if frm is None else str(frm),
         "node": doc.get("node"),
         "generation": doc["generation"],
         "rev": doc["rev"],
@@ -145,7 +148,7 @@ def event_passing(doc: Doc, state: str, reason: str, now: float, fields: dict[st
     """The event of a state a move passes through (``via`` of :func:`transition_many`): at the
     rev after ``doc``'s, on the node it had, with ``fields`` (its reason) over ``reason``."""
     return event_of({**doc, "state": state, "reason": reason, "updated_at": now, "rev": doc["rev"] + 1,
-                     **(fields or {})})  # fmt: skip
+                     **(fields or {})}, doc["state"])  # fmt: skip
 
 
 def new_deployment(
@@ -185,7 +188,7 @@ def new_deployment(
     if node is not None:
         doc.update(state=D.SCHEDULED.value, node=node, generation=1, rev=1, reason=reason, scheduled_at=now,
                    updated_at=now)  # fmt: skip
-        history.append(event_of(doc))
+        history.append(event_of(doc, D.PENDING.value))
     doc["history"] = history
     return doc
 

@@ -15,6 +15,18 @@ mark, so it never sees a batch half-written. With no position to resume from (th
 holds it in its oplog) it first copies every history entry that ``events`` lacks (a
 catch-up scan), then follows.
 
+The relay also keeps the number of deployments in each state (``counts``, saved with its
+position), which `dm status` and the metrics show once counting them would cost (see
+:func:`dm.status.deployment_counts`). Each event names the state it left (``from``), so an
+event stored is +1 for its state and -1 for the one it left, whatever order they come in; an
+event counts once, when the relay stores it (the unique index refuses it the second time).
+The counts are saved in the same write as the mark, so they hold exactly the events numbered
+up to it: a relay that starts counts the events stored above the mark (a relay that died
+between a write and its save) before it goes on. A catch-up scan counts the deployments it reads
+instead (so does a start with no counts saved: the first, or after an upgrade), and the
+events it stores are in that count already. Retention takes what it deletes off the counts
+(:mod:`dm.retention`).
+
 One relay works at a time, the holder of a Redis lease; every control worker runs
 one, and the others wait to take over.
 """
@@ -24,6 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,6 +91,20 @@ def events_in(change: Doc) -> list[Doc]:
     )
 
 
+def count_of(events: Iterable[Doc]) -> Counter[str] | None:
+    """What stored events change in the count of deployments per state: +1 for the state each
+    entered, -1 for the one it left; None when one names no state it left (recorded before
+    events did): the counts must be made again from the deployments."""
+    delta: Counter[str] = Counter()
+    for e in events:
+        if e.get("from") is None and int(e.get("rev") or 0) > 0:
+            return None
+        delta[str(e["state"])] += 1
+        if e.get("from") is not None:
+            delta[str(e["from"])] -= 1
+    return delta
+
+
 class Relay(threading.Thread):
     def __init__(self, ctl: Control, stop: threading.Event | None = None, lease_ttl: float = 5.0) -> None:
         super().__init__(name="dm-relay", daemon=True)
@@ -91,6 +118,11 @@ class Relay(threading.Thread):
         # the newest ``created_at`` of a deployment seen since the last save: saved with the
         # position (as a maximum), where `dm deployments` starts its newest-first windows
         self.newest: float | None = None
+        # the counts per state: what the events stored since the last save change in them, or
+        # (``tally``) the whole count a catch-up scan made, saved in place of the old one
+        # (None: an event named no state it left, so the counts are made again)
+        self.delta: Counter[str] | None = Counter()
+        self.tally: Counter[str] | None = None
 
     def run(self) -> None:
         backoff = Backoff(0.5, 10.0)
@@ -113,23 +145,31 @@ class Relay(threading.Thread):
     def follow(self) -> None:
         """Copy events while this relay holds the lease."""
         deployments = self.ctl.registry.deployments
+        saved = self.meta.find_one({"_id": "relay"}) or {}
+        mark = int(saved.get("seq") or 0)
         # numbers go on from the highest stored (a relay that died after a write may not have saved it)
         self.seq = self.ctl.registry.highest_event()
-        saved = (self.meta.find_one({"_id": "relay"}) or {}).get("token")
+        self.delta, self.tally = Counter(), None
+        counted = isinstance(saved.get("counts"), dict)
+        if counted and self.seq > mark:  # stored, but not yet in the saved counts
+            delta = count_of(self.ctl.registry.events_between(mark, self.seq, {}))
+            counted = delta is not None
+            self.delta = delta or Counter()
         stream = None
-        if saved is not None:
+        if saved.get("token") is not None:
             try:
-                stream = deployments.watch(PIPELINE, resume_after=saved, max_await_time_ms=AWAIT_MS)
+                stream = deployments.watch(PIPELINE, resume_after=saved["token"], max_await_time_ms=AWAIT_MS)
                 change = stream.try_next()  # a lost position shows here at the latest
             except OperationFailure as exc:
                 if exc.code not in RESUME_FAILED:
                     raise
                 log.warning("relay: cannot resume the change stream (%s); catching up from the deployments", exc)
                 stream, change = None, None
-        if stream is None:
-            stream = deployments.watch(PIPELINE, max_await_time_ms=AWAIT_MS)  # opened first: nothing falls between
+        if stream is None or not counted:
+            if stream is None:
+                stream = deployments.watch(PIPELINE, max_await_time_ms=AWAIT_MS)  # opened first: nothing falls between
+                change = None
             self.catch_up()
-            change = None
             self._save(stream.resume_token)
         last_save = time.monotonic()
         with stream:
@@ -147,6 +187,10 @@ class Relay(threading.Thread):
                 if rows or time.monotonic() - last_save > SAVE_EVERY:
                     self._save(stream.resume_token)
                     last_save = time.monotonic()
+                if self.tally is None and self.delta is None:  # events without the state they left
+                    log.warning("relay: events recorded before they named the state they left; counting again")
+                    self.catch_up()
+                    self._save(stream.resume_token)
 
     def read(self, change: Doc) -> list[Doc]:
         """The events of a change, noting when the deployment it inserted was created."""
@@ -160,33 +204,47 @@ class Relay(threading.Thread):
             self.newest = max(float(created), self.newest or float(created))
 
     def catch_up(self) -> None:
-        """Copy every history entry of every deployment that ``events`` lacks."""
+        """Copy every history entry of every deployment that ``events`` lacks, and count the
+        deployments per state as read (the events it stores are in that count already; a
+        change the stream brings after is counted only if not stored here)."""
         started, rows = time.monotonic(), []
         before = self.stored
-        for doc in self.ctl.registry.deployments.find({}, {"history": 1, "created_at": 1}):
+        tally: Counter[str] = Counter()
+        for doc in self.ctl.registry.deployments.find({}, {"history": 1, "created_at": 1, "state": 1}):
             self.saw_created(doc.get("created_at"))
+            tally[str(doc.get("state"))] += 1
             rows += [dict(e) for e in doc.get("history") or [] if isinstance(e, dict) and "rev" in e]
             if len(rows) >= BATCH:
-                self.store(rows)
+                self.store(rows, count=False)
                 rows = []
-        self.store(rows)
+        self.store(rows, count=False)
+        self.tally, self.delta = tally, Counter()
         took = time.monotonic() - started
-        log.info("relay: caught up from the deployments: %d event(s) copied in %.1fs", self.stored - before, took)
+        log.info("relay: caught up from the deployments: %d event(s) copied, %d deployment(s) counted in %.1fs",
+                 self.stored - before, tally.total(), took)  # fmt: skip
 
-    def store(self, rows: list[Doc]) -> None:
+    def store(self, rows: list[Doc], count: bool = True) -> None:
+        """Insert the events not stored yet, numbered; with ``count``, count those stored."""
         fresh = [r for r in rows if r["rev"] > self.copied.get(r["deployment_id"], -1)]
         if fresh:
             numbered = []
             for r in fresh:
                 self.seq += 1
                 numbered.append({**r, "_id": self.seq, "seq": self.seq})
+            refused: set[int] = set()
             try:
                 self.ctl.registry.events.insert_many(numbered, ordered=False)
             except BulkWriteError as exc:
                 if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
                     raise
-                self.stored -= len(exc.details.get("writeErrors", []))
-            self.stored += len(fresh)
+                refused = {int(e["index"]) for e in exc.details.get("writeErrors", [])}
+            self.stored += len(fresh) - len(refused)
+            if count and self.delta is not None:
+                delta = count_of(r for i, r in enumerate(numbered) if i not in refused)
+                if delta is None:
+                    self.delta = None  # counted again (see follow)
+                else:
+                    self.delta.update(delta)
         if len(self.copied) > REMEMBER:
             self.copied.clear()
         for r in fresh:
@@ -194,15 +252,32 @@ class Relay(threading.Thread):
 
     def _save(self, token: Any) -> None:
         """Save the position in the stream, and ``seq``: every event numbered up to it is stored;
-        and the newest creation seen (``newest_created``, kept as a maximum)."""
+        the counts per state (what the events up to ``seq`` changed in them, or a new count);
+        and the newest creation seen (``newest_created``, kept as a maximum). One write: the
+        counts and the mark cannot disagree."""
         sets: Doc = {"seq": self.seq, "at": time.time()}
         if token is not None:
             sets["token"] = token
         update: Doc = {"$set": sets}
+        if self.delta is None:  # an event named no state it left: no counts to trust
+            update["$unset"] = {"counts": ""}
+        elif self.tally is not None:  # a new count
+            sets["counts"] = {state: n for state, n in self.tally.items() if n}
+        elif any(self.delta.values()):
+            update["$inc"] = {f"counts.{state}": n for state, n in self.delta.items() if n}
         if self.newest is not None:
             update["$max"] = {"newest_created": self.newest}
-        self.meta.update_one({"_id": "relay"}, update, upsert=True)
+        if "$inc" in update:  # onto the saved counts only (not onto none, as if they were all)
+            if not self.meta.update_one({"_id": "relay", "counts": {"$exists": True}}, update).matched_count:
+                log.warning("relay: the saved counts are gone; counting again")
+                del update["$inc"]
+                self.meta.update_one({"_id": "relay"}, update, upsert=True)
+                self.delta = None
+        else:
+            self.meta.update_one({"_id": "relay"}, update, upsert=True)
         self.newest = None
+        if self.delta is not None:
+            self.tally, self.delta = None, Counter()
 
 
 _relay: Relay | None = None

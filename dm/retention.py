@@ -5,7 +5,8 @@ deletes, in bounded batches through indexed queries:
 
 - finished deployments (``succeeded``, ``failed``, ``stopped``) last changed before the
   cutoff, and their events (index ``(state, updated_at)`` on deployments; events by their
-  ``(deployment_id, rev)`` index). An active deployment is never touched, however old;
+  ``(deployment_id, rev)`` index), taken off the relay's counts of deployments per state
+  (:mod:`dm.relay`). An active deployment is never touched, however old;
 - nodes ``dead`` or ``stopped`` since before the cutoff: their registry record, and their
   Redis hash, lease, allocations and membership of the nodes set (the fleet view).
 
@@ -20,6 +21,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from dm import constants as c
 from dm import fleet
 from dm import keys as k
 from dm.models import FINAL_STATES
@@ -83,7 +85,11 @@ def prune_deployments(registry: Registry, cutoff: float) -> tuple[int, int]:
             # events first: a sweep cut short leaves a deployment with fewer events, never events of none
             for part in chunks(ids):
                 events += registry.events.delete_many({"deployment_id": {"$in": part}}).deleted_count
-                deleted += registry.deployments.delete_many({"_id": {"$in": part}, **query}).deleted_count
+                gone = registry.deployments.delete_many({"_id": {"$in": part}, **query}).deleted_count
+                if gone:  # off the relay's counts (if it keeps them: none are made up here)
+                    registry.db[c.META].update_one({"_id": "relay", "counts": {"$exists": True}},
+                                                   {"$inc": {f"counts.{state}": -gone}})  # fmt: skip
+                deleted += gone
             if len(ids) < BATCH:
                 break
     return deleted, events

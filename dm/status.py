@@ -82,15 +82,31 @@ WINDOW_LAST = 200 * 86400.0
 DEFAULT_LIMIT = 50
 
 
+#: deployments counted one by one at most: past this many, the relay's counts are shown
+COUNT_EXACT_UPTO = 5000
+
+
 def deployment_counts(ctl: Control) -> dict[str, int]:
-    """Deployments per state: one count per state on the (state, created_at) index, instead
-    of a group over every deployment. States with none are left out."""
+    """Deployments per state (states with none left out); see :func:`counted`."""
+    return counted(ctl)[0]
+
+
+def counted(ctl: Control) -> tuple[dict[str, int], str]:
+    """Deployments per state, and how they were counted: ``relay`` (the counts the relay keeps
+    from the events, up to its mark: a fraction of a second behind the registry) once there
+    are more than :data:`COUNT_EXACT_UPTO`, else ``index`` (one count per state on the
+    (state, created_at) index: exact, but it reads each deployment counted, 45 µs a document on
+    SecantusDB: 2.2 s for 50,000). Counted by index also while the relay has none to give (not
+    running, or counting again)."""
+    relay = ctl.registry.relay_counts()
+    if relay is not None and sum(relay.values()) > COUNT_EXACT_UPTO:
+        return {state: n for state, n in relay.items() if n}, "relay"
     counts: dict[str, int] = {}
     for state in STATES:
         n = ctl.registry.deployments.count_documents({"state": str(state)})
         if n:
             counts[str(state)] = n
-    return counts
+    return counts, "index"
 
 
 def recent_events(ctl: Control, limit: int = 10) -> list[Doc]:

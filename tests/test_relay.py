@@ -3,6 +3,10 @@ in order, across restarts of the relay, and from the documents when it has no po
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from dm.lifecycle import Actor, transition
 from dm.models import DeployRequest
 from dm.relay import Relay
@@ -113,3 +117,99 @@ def test_only_one_relay_copies_at_a_time_and_another_takes_over(make_system):
     finally:
         for relay in (one, two):
             stop(relay)
+
+
+def by_index(system: System) -> dict[str, int]:
+    return dict(sorted(system.ctl.registry.count_by_state().items()))
+
+
+def by_relay(system: System) -> dict[str, int] | None:
+    counts = system.ctl.registry.relay_counts()
+    return None if counts is None else dict(sorted((s, n) for s, n in counts.items() if n))
+
+
+def counts_agree(system: System, what: str) -> None:
+    wait_for(lambda: by_relay(system) == by_index(system), 30, what=f"the relay's counts to match ({what})")
+
+
+class DiesAfterAWrite(Relay):
+    """A relay that dies between storing a batch of events and saving its mark with the counts."""
+
+    def store(self, rows, count=True):
+        super().store(rows, count)
+        if count and rows:
+            raise SystemExit  # ends the thread, lease held, nothing saved
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the relay made to die
+def test_the_relays_counts_per_state_match_the_registry_through_crashes_catch_ups_and_retention(
+    make_system, monkeypatch
+):
+    from threading import Thread
+
+    from dm import retention, status
+
+    system = make_system(nodes=0, control=False, beat=False)
+    system.add_examples("hello")
+    ids = record(system, 30)
+    relay = start(system)
+    try:
+        for dep_id in ids[:10]:
+            walk(system, dep_id)
+        for dep_id in ids[10:20]:
+            assert transition(system.ctl.ports, dep_id, "scheduled", actor=Actor.CONTROL, expect=["pending"],
+                              node="1", reason="placed")  # fmt: skip
+        counts_agree(system, "following")
+        assert by_index(system) == {"pending": 10, "scheduled": 10, "succeeded": 10}
+        # past the exact count's size, dm status shows the relay's counts, and says so
+        monkeypatch.setattr(status, "COUNT_EXACT_UPTO", 5)
+        assert status.counted(system.ctl) == (by_index(system), "relay")
+        monkeypatch.setattr(status, "COUNT_EXACT_UPTO", 5000)
+        assert status.counted(system.ctl) == (by_index(system), "index")
+    finally:
+        stop(relay)
+
+    # a relay that stored events and died before it saved them in the counts: the next counts them
+    dying = DiesAfterAWrite(system.ctl, lease_ttl=2.0)
+    dying.start()
+    for dep_id in ids[10:15]:
+        assert transition(system.ctl.ports, dep_id, "running", actor=Actor.NODE, expect=["scheduled"], generation=1,
+                          pid=1, reason="started")  # fmt: skip
+    dying.join(30)
+    assert not dying.is_alive() and dying.stored > 0, "the relay stored events, then died"
+    mark = system.ctl.registry.events_mark()
+    assert system.ctl.registry.highest_event() > mark, "events stored past the saved mark"
+    relay = start(system)
+    try:
+        counts_agree(system, "after a relay died between a write and its save")
+        assert by_index(system)["running"] == 5
+        # retention deletes finished deployments: they leave the counts
+        deleted, _ = retention.prune_deployments(system.ctl.registry, time.time() + 1)
+        assert deleted == 10
+        counts_agree(system, "after retention")
+        assert "succeeded" not in by_index(system)
+    finally:
+        stop(relay)
+
+    # no saved position: the catch-up counts the deployments, while transitions go on meanwhile
+    system.ctl.registry.db["meta"].delete_many({})
+    mover = Thread(target=lambda: [walk(system, dep_id) for dep_id in ids[20:30]])
+    relay = start(system)
+    mover.start()
+    try:
+        mover.join(60)
+        counts_agree(system, "after a catch-up with transitions during it")
+        assert by_index(system) == {"running": 5, "scheduled": 5, "succeeded": 10}
+    finally:
+        stop(relay)
+
+    # events recorded before events named the state they left (an older dm): counted again
+    last = ids[10]
+    assert transition(system.ctl.ports, last, "stopping", actor=Actor.CONTROL, expect=["running"], reason="stop")
+    system.ctl.registry.deployments.update_one({"_id": last}, {"$unset": {"history.$[].from": ""}})
+    relay = start(system)
+    try:
+        counts_agree(system, "after events without the state they left")
+        assert by_index(system)["stopping"] == 1
+    finally:
+        stop(relay)

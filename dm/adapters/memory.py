@@ -88,11 +88,12 @@ class MemoryStore:
         if current is not None and current.get("rev") != doc["rev"]:
             current = None  # stale: decided again on the stored one, as the Mongo store reads again
         before = _public(doc)
+        left = doc["state"]
         doc.update(fields)
         doc.update(state=state, reason=reason, updated_at=time.time(), rev=doc["rev"] + 1)
         if new_generation:
             doc["generation"] += 1
-        event = event_of(doc)
+        event = event_of(doc, left)
         doc.setdefault("history", []).append(event)
         self.events.append(dict(event))
         seen(before)
@@ -116,6 +117,7 @@ class MemoryStore:
             stored = self.docs.get(doc["_id"])
             if stored is None or stored["rev"] != doc["rev"]:
                 continue  # it moved on since it was read
+            left = via or stored["state"]
             if via:  # the state passed through: its event only
                 passed = event_passing(stored, via, reason, time.time(), via_each[i] if via_each else None)
                 stored["rev"] += 1
@@ -126,7 +128,7 @@ class MemoryStore:
             stored.update(each[i] if each else {})
             if new_generation:
                 stored["generation"] += 1
-            event = event_of(stored)
+            event = event_of(stored, left)
             stored.setdefault("history", []).append(event)
             self.events.append(dict(event))
             moved.append(_public(stored))

@@ -87,7 +87,7 @@ class MongoDeployments:
             step = 1 if new_generation else 0
             new = {**doc, **sets, "rev": doc["rev"] + 1, "generation": doc["generation"] + step}
             new.pop("history", None)
-            event = event_of(new)
+            event = event_of(new, doc["state"])
             result = self.col.update_one(
                 {"_id": dep_id, "rev": doc["rev"]},
                 {
@@ -135,7 +135,7 @@ class MongoDeployments:
             new.pop("history", None)
             new.pop(WRITE_MARK, None)
             news.append(new)
-            events.append(event_of(new))
+            events.append(event_of(new, via or doc["state"]))
             # trimmed when a HISTORY_KEEP-th move is among these only: a $slice costs on each write
             if any(e["rev"] % HISTORY_KEEP == 0 for e in events):
                 push = {"history": {"$each": events, "$slice": -HISTORY_KEEP}}

@@ -113,11 +113,21 @@ class Events(Collections):
         """The newest ``created_at`` of a deployment the relay has seen, if it saved its position
         in the last ``fresh`` seconds (a relay that follows saves it every few seconds; one that
         stopped knows nothing of what was made since). None when unknown."""
-        meta = self.db[c.META].find_one({"_id": "relay"}, {"newest_created": 1, "at": 1}) or {}
-        newest, at = meta.get("newest_created"), meta.get("at")
-        if not isinstance(newest, (int, float)) or not isinstance(at, (int, float)) or time.time() - at > fresh:
+        newest = self._relay_saved("newest_created", fresh)
+        return float(newest) if isinstance(newest, (int, float)) else None
+
+    def relay_counts(self, fresh: float = 60.0) -> dict[str, int] | None:
+        """Deployments per state as the relay counted them, up to its mark, if it saved them in
+        the last ``fresh`` seconds (see :mod:`dm.relay`). None when unknown."""
+        counts = self._relay_saved("counts", fresh)
+        if not isinstance(counts, dict) or any(not isinstance(n, int) or n < 0 for n in counts.values()):
             return None
-        return float(newest)
+        return {str(state): int(n) for state, n in counts.items()}
+
+    def _relay_saved(self, field: str, fresh: float) -> Any:
+        meta = self.db[c.META].find_one({"_id": "relay"}, {field: 1, "at": 1}) or {}
+        at = meta.get("at")
+        return meta.get(field) if isinstance(at, (int, float)) and time.time() - at <= fresh else None
 
     def events_mark(self) -> int:
         """The relay's mark: every event numbered up to it is stored (see :mod:`dm.relay`)."""

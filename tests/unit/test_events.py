@@ -68,3 +68,27 @@ def test_the_relay_takes_a_change_of_two_moves_in_rev_order() -> None:
     assert [e["state"] for e in events_in(change)] == ["lost", "scheduled"]
     whole = {"operationType": "update", "updateDescription": {"updatedFields": {"history": [placed, lost]}}}
     assert [e["rev"] for e in events_in(whole)] == [3, 4]
+
+
+def test_the_counts_of_events_are_the_net_move_whatever_order_they_come_in() -> None:
+    from dm.adapters.memory import MemoryStore
+    from dm.lifecycle import new_deployment
+    from dm.models import DeployRequest
+    from dm.relay import count_of
+
+    algorithm = {"name": "a", "version": "1", "sha256": "0" * 64,
+                 "spec": {"command": ["x"], "demand": {"cpu": 0.1, "memory": 1.0}, "restart": {}}}  # fmt: skip
+    store = MemoryStore()
+    doc = new_deployment(DeployRequest(algorithm="a"), algorithm, node="1")  # pending, then scheduled
+    assert [(e["from"], e["state"]) for e in doc["history"]] == [(None, "pending"), ("pending", "scheduled")]
+    store.create(doc)
+    store.compare_and_set_many([store.find(doc["_id"])], "scheduled", reason="moved", fields={},
+                               each=[{"node": "2"}], new_generation=True, via="lost")  # fmt: skip
+    events = store.events
+    assert [(e["from"], e["state"]) for e in events[2:]] == [("scheduled", "lost"), ("lost", "scheduled")]
+    assert {s: n for s, n in count_of(events).items() if n} == {"scheduled": 1}
+    assert {s: n for s, n in count_of(reversed(events)).items() if n} == {"scheduled": 1}
+    assert {s: n for s, n in count_of(events[2:]).items() if n} == {}  # moved off and back: no change
+    # an event recorded before events named the state they left: the counts must be made again
+    assert count_of([{**events[1], "from": None}]) is None
+    assert count_of([{k: v for k, v in events[0].items() if k != "from"}]) is not None  # the first left none
