@@ -263,6 +263,7 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
 def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]:
     import psutil
+    import pymongo
 
     from dm.control import Control
     from dm.settings import Settings
@@ -381,7 +382,10 @@ def one(nodes: int, deployments: int, burst: int, passes: int) -> dict[str, Any]
         row["control_rss_mib"] = round(psutil.Process(control.pid).memory_info().rss / 2**20, 1)
         row["hollow_rss_mib"] = round(psutil.Process(hollow.pid).memory_info().rss / 2**20, 1)
         row["redis_mib"] = round(int(ctl.redis.info("memory")["used_memory"]) / 2**20, 1)
-        stats = ctl.registry.db.command("dbstats")
+        # SecantusDB reads every document and index entry for it: longer than the registry's 10 s
+        # socket timeout at D=50,000 on a slow machine, so a client of its own
+        with pymongo.MongoClient(ctl.settings.mongo_url, socketTimeoutMS=120_000) as client:
+            stats = client[ctl.settings.database].command("dbstats")
         row["registry_mib"] = round((stats.get("dataSize", 0) + stats.get("indexSize", 0)) / 2**20, 1)
         h.stopping.set()
         beat.join(10)

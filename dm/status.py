@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dm import balancer, fleet
@@ -18,10 +19,12 @@ from dm.registry import Doc
 def node_rows(ctl: Control) -> list[dict[str, Any]]:
     # the node hashes carry the running totals of their allocations: no placement snapshot
     # (a script that reads every node while Redis serves no one else) is needed to show them
-    hashes = fleet.node_hashes(ctl.redis)
-    leases = fleet.leases(ctl.redis, hashes)
+    with ThreadPoolExecutor(1) as pool:  # the registry's records read while Redis answers
+        records = pool.submit(ctl.registry.list_nodes)
+        hashes, leases = fleet.nodes_seen(ctl.redis)
+        docs = records.result()
     rows = []
-    for doc in ctl.registry.list_nodes():
+    for doc in docs:
         node_id = doc["_id"]
         h = hashes.get(node_id, {})
         cpu, ram = float(h.get("cpu", 0.0)), float(h.get("ram", 0.0))
