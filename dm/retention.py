@@ -4,8 +4,7 @@ A periodic task (``dm.retention``, beat, every ``DM_RETENTION_INTERVAL`` s, defa
 deletes, in bounded batches through indexed queries:
 
 - finished deployments (``succeeded``, ``failed``, ``stopped``) last changed before the
-  cutoff, and their events (index ``(state, created_at)`` on deployments: one last changed
-  before the cutoff was made before it, so the range is bounded; events by their
+  cutoff, and their events (index ``(state, updated_at)`` on deployments; events by their
   ``(deployment_id, rev)`` index), taken off the relay's counts of deployments per state
   (:mod:`dm.relay`). An active deployment is never touched, however old;
 - nodes ``dead`` or ``stopped`` since before the cutoff: their registry record, and their
@@ -44,6 +43,15 @@ MAX_BATCHES = 10
 #: node states whose records go after the retention
 GONE_NODE_STATES = ("dead", "stopped")
 
+_indexed: set[int] = set()
+
+
+def ensure_index(registry: Registry) -> None:
+    """The index the sweep's query uses (made once per registry and process)."""
+    if id(registry) not in _indexed:
+        registry.deployments.create_index([("state", 1), ("updated_at", 1)])
+        _indexed.add(id(registry))
+
 
 def sweep(ctl: Control, now: float | None = None) -> dict[str, Any]:
     """One pass; returns what it deleted (for logs and tests)."""
@@ -66,10 +74,10 @@ def sweep(ctl: Control, now: float | None = None) -> dict[str, Any]:
 
 def prune_deployments(registry: Registry, cutoff: float) -> tuple[int, int]:
     """Delete finished deployments last changed before ``cutoff``, and their events."""
+    ensure_index(registry)
     deleted = events = 0
     for state in FINAL_STATES:  # one equality each: every planner takes the index for it
-        # on (state, created_at): one last changed before the cutoff was made before it
-        query = {"state": state, "created_at": {"$lt": cutoff}, "updated_at": {"$lt": cutoff}}
+        query = {"state": state, "updated_at": {"$lt": cutoff}}
         for _ in range(MAX_BATCHES):
             ids = [d["_id"] for d in registry.deployments.find(query, {"_id": 1}).limit(BATCH)]
             if not ids:
