@@ -187,7 +187,7 @@ class Relay(threading.Thread):
                 if rows or time.monotonic() - last_save > SAVE_EVERY:
                     self._save(stream.resume_token)
                     last_save = time.monotonic()
-                if self.tally is None and self.delta is None:  # events without the state they left
+                if self.delta is None:  # events without the state they left
                     log.warning("relay: events recorded before they named the state they left; counting again")
                     self.catch_up()
                     self._save(stream.resume_token)

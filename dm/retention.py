@@ -21,7 +21,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from dm import constants as c
 from dm import fleet
 from dm import keys as k
 from dm.models import FINAL_STATES
@@ -86,9 +85,8 @@ def prune_deployments(registry: Registry, cutoff: float) -> tuple[int, int]:
             for part in chunks(ids):
                 events += registry.events.delete_many({"deployment_id": {"$in": part}}).deleted_count
                 gone = registry.deployments.delete_many({"_id": {"$in": part}, **query}).deleted_count
-                if gone:  # off the relay's counts (if it keeps them: none are made up here)
-                    registry.db[c.META].update_one({"_id": "relay", "counts": {"$exists": True}},
-                                                   {"$inc": {f"counts.{state}": -gone}})  # fmt: skip
+                if gone:
+                    registry.uncount(state, gone)
                 deleted += gone
             if len(ids) < BATCH:
                 break

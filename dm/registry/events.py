@@ -124,6 +124,11 @@ class Events(Collections):
             return None
         return {str(state): int(n) for state, n in counts.items()}
 
+    def uncount(self, state: str, n: int) -> None:
+        """Take ``n`` deleted deployments in ``state`` off the relay's counts, if it keeps them
+        (none are made up where it has none: it counts them all anew then)."""
+        self.db[c.META].update_one({"_id": "relay", "counts": {"$exists": True}}, {"$inc": {f"counts.{state}": -n}})
+
     def _relay_saved(self, field: str, fresh: float) -> Any:
         meta = self.db[c.META].find_one({"_id": "relay"}, {field: 1, "at": 1}) or {}
         at = meta.get("at")
