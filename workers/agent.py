@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     r = ctl.redis
     node_id = args.id or _until_reachable("Redis", lambda: node_manager.next_node_id(ctl))
     # forked before any thread exists (pymongo starts some): it only reads a file and kills
-    fence_file = settings.home / "nodes" / f"node-{node_id}.fence"
-    fence_file.parent.mkdir(parents=True, exist_ok=True)
+    fence_file = watchdog.state_file(settings.home, node_id)
     watchdog.write_state(fence_file, time.time() + settings.lease_ttl, [])
     watchdog.start(fence_file)
     own_cpus, own_memory = host_capacity() if args.host_wide else (settings.node_cpus, settings.node_memory)
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"state": node_manager.STARTING, "host": host, "address": address, "cpus": cpus, "memory": memory,
               "pid": os.getpid(), "provider": provider, "host_wide": bool(args.host_wide)}  # fmt: skip
     _until_reachable("MongoDB", lambda: ctl.registry.upsert_node(node_id, **record))
-    supervisor = Supervisor(ctl, node_id)
+    supervisor = Supervisor(ctl, node_id, fence_file)
     supervisor.start()
     housekeeping.start(supervisor, settings)  # log rotation, pruning past DM_RETENTION
     tasks.supervisor = supervisor

@@ -23,6 +23,7 @@ import ctypes
 import json
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,39 @@ POLL = 0.05
 MAX_WAIT = 0.25
 #: rounds of SIGKILL over a cgroup's or uid's processes (forks between rounds are caught next)
 KILL_ROUNDS = 20
+
+
+#: where the state file lives when the host has it (a tmpfs on Linux): a rename over the old
+#: file there takes microseconds, where ext4 flushes the new file's data first (0.14 ms alone,
+#: 0.4 ms in a busy agent, measured; the agent rewrites the file on every spawn)
+TMPFS = Path("/dev/shm")
+#: the prefix of the private directories made there
+TMPFS_PREFIX = "dm-node-"
+
+
+def state_file(home: Path, node_id: str) -> Path:
+    """Where the agent of ``node_id`` keeps the state: in a directory of its own on the host's
+    tmpfs (0700, a random name: no one else's file is taken for it), else in ``home/nodes``.
+    The watchdog removes a tmpfs one when it exits."""
+    if TMPFS.is_dir() and os.access(TMPFS, os.W_OK | os.X_OK):
+        try:
+            return Path(tempfile.mkdtemp(prefix=f"{TMPFS_PREFIX}{node_id}-", dir=TMPFS)) / "fence"
+        except OSError:
+            pass
+    path = home / "nodes" / f"node-{node_id}.fence"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def forget(path: Path) -> None:
+    """Remove a state file made by :func:`state_file` on the tmpfs, with its directory (one in
+    ``home/nodes`` stays, as before: it shows what the node ran last)."""
+    if path.parent.parent == TMPFS and path.parent.name.startswith(TMPFS_PREFIX):
+        for leftover in (path, path.with_name(path.name + ".tmp")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
 
 
 class _AgentGone(Exception):
@@ -80,15 +114,15 @@ def watch(path: Path, parent: int) -> None:
     def gone(*_: Any) -> None:
         raise _AgentGone
 
-    signal.signal(signal.SIGUSR1, gone)
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG: told when the agent dies
-    with contextlib.suppress(OSError):
-        Path("/proc/self/oom_score_adj").write_text("-1000")  # never the OOM killer's choice (root only)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     state: dict[str, Any] | None = None
-    try:
+    try:  # the agent may die at any point from here: each ends in the final kill below
+        signal.signal(signal.SIGUSR1, gone)
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG: told when the agent dies
+        with contextlib.suppress(OSError):
+            Path("/proc/self/oom_score_adj").write_text("-1000")  # never the OOM killer's choice (root only)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         while os.getppid() == parent:
             try:
                 state = json.loads(path.read_text())
@@ -108,13 +142,19 @@ def watch(path: Path, parent: int) -> None:
             time.sleep(wait)
     except _AgentGone:
         pass
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for _ in range(2):  # the death signal, when it was still pending as the loop saw the agent gone
+        try:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            break
+        except _AgentGone:
+            pass
     with contextlib.suppress(OSError, ValueError):
         state = json.loads(path.read_text())
     if state:  # the agent died: everything goes with it, held or not
         kill_all(state)
         for held in state.get("held") or []:
             kill_all(held)
+    forget(path)
 
 
 def start(path: Path) -> int:
