@@ -82,6 +82,28 @@ def test_each_transition_reaches_events_once_in_order_and_a_restarted_relay_resu
         stop(relay)
 
 
+def test_changes_that_trickle_in_are_read_in_few_answers_and_all_copied(make_system):
+    """One change every 10 ms (a failover's reports, one per node): the relay waits a moment
+    after a short answer, so the registry answers far fewer reads than there are changes."""
+    system = make_system(nodes=0, control=False, beat=False)
+    system.add_examples("hello")
+    ids = record(system, 60)
+    relay = start(system)
+    try:
+        wait_for(lambda: len(events(system)) == 60, 30, what="the pending events copied")
+        before = system.ctl.registry.db.command("serverStatus")["opcounters"]["getmore"]
+        ports = system.ctl.ports
+        for dep_id in ids:
+            assert transition(ports, dep_id, "scheduled", actor=Actor.CONTROL, expect=["pending"], node="1",
+                              reason="placed")  # fmt: skip
+            time.sleep(0.01)  # the pace of the changes, not a wait for a result
+        wait_for(lambda: len(events(system)) == 120, 30, what="every scheduled event copied")
+        reads = system.ctl.registry.db.command("serverStatus")["opcounters"]["getmore"] - before
+        assert reads < 30, f"{reads} reads of the change stream for 60 changes"
+    finally:
+        stop(relay)
+
+
 def test_without_a_saved_position_the_relay_catches_up_from_the_deployments(make_system):
     system = make_system(nodes=0, control=False, beat=False)
     system.add_examples("hello")
