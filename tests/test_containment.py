@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from dm.embedded import stop_pid
 from dm.errors import InvalidArgs
 from dm.package import load_spec, pack
 from dm.status import deployment_usage
@@ -618,3 +619,34 @@ def test_one_named_user_for_every_deployment_is_shared_and_never_root():
         Users(run_as="root", euid=0)
     with pytest.raises(ConfigError, match="not a user"):
         Users(run_as="no-such-user-here", euid=0)
+
+
+def fence_dirs_listing(pid: int) -> list[Path]:
+    """The watchdogs' private state directories on the tmpfs whose state lists ``pid``."""
+    found = []
+    for d in Path("/dev/shm").glob("dm-node-*"):
+        try:
+            if pid in json.loads((d / "fence").read_text())["pgids"]:
+                found.append(d)
+        except (OSError, ValueError, KeyError):
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="needs a writable /dev/shm")
+def test_a_stopped_node_leaves_no_fence_state_on_the_tmpfs(make_system, tmp_path):
+    # Given a node running a sleeper, its watchdog's state (on the tmpfs) listing it
+    system = make_system(nodes=1)
+    system.add_algorithm(algorithm(tmp_path, "sleeper", SLEEPER))
+    sleeper = system.wait_state(system.deploy("sleeper")["id"], "running")
+    state = wait_for(lambda: fence_dirs_listing(sleeper["pid"]), 10, what="the fence state listing the sleeper")
+    assert len(state) == 1 and (state[0].stat().st_mode & 0o777) == 0o700
+
+    # When the node is stopped as `dm down` stops it (SIGTERM to its process group)
+    stop_pid(system.node_pid(sleeper["node"]), 30)
+
+    # Then its algorithm was handed over, and the state directory is gone with it
+    assert system.deployment(sleeper["id"])["state"] in ("lost", "scheduled", "pending")
+    assert not alive(sleeper["pid"])
+    assert not state[0].exists()

@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         publisher.stop()
         handover(ctl, node_id, supervisor)
+        # its algorithms are gone: the state on the tmpfs goes too (`dm down` signals the
+        # whole process group, so the watchdog, killed with it, cannot remove it itself)
+        watchdog.forget(fence_file)
     return 0
 
 
