@@ -20,6 +20,7 @@ from dm.errors import InvalidArgs
 from dm.package import load_spec, pack
 from dm.status import deployment_usage
 from tests.system import System, alive, wait_for
+from workers import watchdog
 from workers.containment.base import CPU_START_GRACE
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (as CI runs): cgroups and user switching")
@@ -624,7 +625,7 @@ def test_one_named_user_for_every_deployment_is_shared_and_never_root():
 def fence_dirs_listing(pid: int) -> list[Path]:
     """The watchdogs' private state directories on the tmpfs whose state lists ``pid``."""
     found = []
-    for d in Path("/dev/shm").glob("dm-node-*"):
+    for d in watchdog.TMPFS.glob(f"{watchdog.TMPFS_PREFIX}*"):
         try:
             if pid in json.loads((d / "fence").read_text())["pgids"]:
                 found.append(d)
@@ -634,7 +635,7 @@ def fence_dirs_listing(pid: int) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="needs a writable /dev/shm")
+@pytest.mark.skipif(not os.access(watchdog.TMPFS, os.W_OK), reason="needs a writable /dev/shm")
 def test_a_stopped_node_leaves_no_fence_state_on_the_tmpfs(make_system, tmp_path):
     # Given a node running a sleeper, its watchdog's state (on the tmpfs) listing it
     system = make_system(nodes=1)

@@ -57,7 +57,7 @@ from workers.containment.host import MEMORY_CHECK_INTERVAL, Host, describe_start
 from workers.containment.usage import Meter
 from workers.outbox import UNREACHABLE, Outbox
 from workers.policy import Outcome, on_exit, on_start_failure
-from workers.watchdog import FENCE_FRACTION, state_file, write_state
+from workers.watchdog import FENCE_FRACTION, write_state
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Proc:
 
 
 class Supervisor(threading.Thread):
-    def __init__(self, ctl: Control, node_id: str, fence_file: Path | None = None) -> None:
+    def __init__(self, ctl: Control, node_id: str, fence_file: Path) -> None:
         super().__init__(name=f"dm-supervisor-{node_id}", daemon=True)
         self.ctl = ctl
         self.node_id = node_id
@@ -124,7 +124,7 @@ class Supervisor(threading.Thread):
         self._next_fence_check = 0.0
         self._next_registry_check = 0.0
         #: the watchdog's state file: lease validity and the process groups to kill past it
-        self.fence_file = fence_file or state_file(self.home, node_id)
+        self.fence_file = fence_file  # from watchdog.state_file, made before the watchdog's fork
         self.valid_until = time.time() + ctl.settings.lease_ttl * FENCE_FRACTION
         #: when the lease was last seen lapsed (the watchdog killed everything then)
         self.lapsed_at = 0.0

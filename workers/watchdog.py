@@ -63,11 +63,16 @@ def forget(path: Path) -> None:
     """Remove a state file made by :func:`state_file` on the tmpfs, with its directory (one in
     ``home/nodes`` stays, as before: it shows what the node ran last)."""
     if path.parent.parent == TMPFS and path.parent.name.startswith(TMPFS_PREFIX):
-        for leftover in (path, path.with_name(path.name + ".tmp")):
+        for leftover in (path, _tmp(path)):
             with contextlib.suppress(OSError):
                 leftover.unlink()
         with contextlib.suppress(OSError):
             path.parent.rmdir()
+
+
+def _tmp(path: Path) -> Path:
+    """The file a new state is written to before it is renamed over ``path``."""
+    return path.with_name(path.name + ".tmp")
 
 
 class _AgentGone(Exception):
@@ -84,7 +89,7 @@ def write_state(
 ) -> None:
     """``held``: sets ({keep_for, pgids, cgroups, uids}) of deployments that keep running on a
     cut-off node for ``keep_for`` seconds past ``valid_until`` (``[disconnect] keep_for``)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     tmp.write_text(json.dumps({"valid_until": valid_until, "pgids": pgids, "cgroups": cgroups or [],
                                "uids": uids or [], "held": held or []}))  # fmt: skip
     tmp.replace(path)
