@@ -647,7 +647,6 @@ def test_a_stopped_node_leaves_no_fence_state_on_the_tmpfs(make_system, tmp_path
     # When the node is stopped as `dm down` stops it (SIGTERM to its process group)
     stop_pid(system.node_pid(sleeper["node"]), 30)
 
-    # Then its algorithm was handed over, and the state directory is gone with it
-    assert system.deployment(sleeper["id"])["state"] in ("lost", "scheduled", "pending")
+    # Then its algorithm is gone, and the state directory with it
     assert not alive(sleeper["pid"])
     assert not state[0].exists()
