@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dm import fleet
 from dm import keys as k
+from dm.embedded import stop_pid
 from dm.models import Demand
 from tests.ledger import instances, overlaps
 from tests.system import EXAMPLES, System, alive, wait_for
@@ -67,6 +68,35 @@ def test_kill_9_of_a_node_moves_its_algorithm_to_another_node_and_its_process_is
     assert system.ctl.registry.get_node(first["node"])["state"] == "dead"
     reasons = [e["reason"] for e in events_of(system, dep["id"]) if e["state"] == "lost"]
     assert reasons and f"node-{first['node']}" in reasons[0]
+    wait_for(lambda: len(instances(ledger)[dep["id"]]) == 2, 5, what="the second instance in the ledger")
+    assert overlaps(ledger) == []
+
+
+def test_a_node_stopped_cleanly_hands_its_algorithm_to_another_node_without_running_it_twice(make_system, tmp_path):
+    # Given a long-running algorithm on one of two nodes
+    system = make_system(nodes=2)
+    system.add_examples("service")
+    ledger = tmp_path / "ledger"
+    dep = system.deploy("service", args={"interval": 0.1, "ledger": str(ledger)})
+    first = system.wait_state(dep["id"], "running")
+
+    # When that node is stopped as `dm down` and scale-in stop one (SIGTERM to its process group)
+    stop_pid(system.node_pid(first["node"]), 30)
+
+    # Then its node recorded the hand-over (lost, its reason naming the stop), the old process
+    # is gone, and the algorithm runs on the other node in a new generation, never twice at once
+    assert not alive(first["pid"])
+    assert system.ctl.registry.get_node(first["node"])["state"] == "stopped"
+    lost = [e for e in events_of(system, dep["id"]) if e["state"] == "lost"]
+    assert lost and lost[0]["reason"] == f"node-{first['node']} stopped" and lost[0]["generation"] == 1
+    moved = wait_for(
+        lambda: (
+            (d := system.deployment(dep["id"]))["state"] == "running" and d["generation"] > first["generation"] and d
+        ),
+        timeout=30,
+        what="the deployment running again elsewhere",
+    )
+    assert moved["node"] != first["node"] and alive(moved["pid"])
     wait_for(lambda: len(instances(ledger)[dep["id"]]) == 2, 5, what="the second instance in the ledger")
     assert overlaps(ledger) == []
 
