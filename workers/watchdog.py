@@ -45,13 +45,21 @@ TMPFS = Path("/dev/shm")
 TMPFS_PREFIX = "dm-node-"
 
 
+#: seconds since a tmpfs state directory of an agent that is gone last changed before another
+#: agent's start removes it: its own watchdog removes it in well under a second after the final
+#: kill, and a live agent rewrites its file on every lease renewal
+SWEEP_AFTER = 600.0
+
+
 def state_file(home: Path, node_id: str) -> Path:
     """Where the agent of ``node_id`` keeps the state: in a directory of its own on the host's
-    tmpfs (0700, a random name: no one else's file is taken for it), else in ``home/nodes``.
-    The watchdog removes a tmpfs one when it exits."""
+    tmpfs (0700, a random name after the agent's pid: no one else's file is taken for it), else
+    in ``home/nodes``. The watchdog removes a tmpfs one when it exits; what agents killed with
+    their watchdogs left is swept first (:func:`sweep`)."""
     if TMPFS.is_dir() and os.access(TMPFS, os.W_OK | os.X_OK):
+        sweep(TMPFS)
         try:
-            return Path(tempfile.mkdtemp(prefix=f"{TMPFS_PREFIX}{node_id}-", dir=TMPFS)) / "fence"
+            return Path(tempfile.mkdtemp(prefix=f"{TMPFS_PREFIX}{node_id}-pid{os.getpid()}-", dir=TMPFS)) / "fence"
         except OSError:
             pass
     path = home / "nodes" / f"node-{node_id}.fence"
@@ -63,11 +71,63 @@ def forget(path: Path) -> None:
     """Remove a state file made by :func:`state_file` on the tmpfs, with its directory (one in
     ``home/nodes`` stays, as before: it shows what the node ran last)."""
     if path.parent.parent == TMPFS and path.parent.name.startswith(TMPFS_PREFIX):
-        for leftover in (path, _tmp(path)):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """A state file, its temporary one and their directory (left if anything else is in it)."""
+    for leftover in (path, _tmp(path)):
         with contextlib.suppress(OSError):
-            path.parent.rmdir()
+            leftover.unlink()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+
+
+def sweep(root: Path, now: float | None = None) -> list[Path]:
+    """Remove the state directories under ``root`` of agents that are gone and whose watchdogs
+    did not remove them (both killed at once: a SIGKILL of the agent's process group); returns
+    those removed. One is gone when it is this user's, its name holds its agent's pid (older
+    names hold none and are kept), no process has that pid, and nothing in it changed for
+    :data:`SWEEP_AFTER` seconds."""
+    now = time.time() if now is None else now
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            pid = _owner(entry.name)
+            if pid is None or _running(pid):
+                continue
+            try:
+                info = entry.lstat()
+                if info.st_uid != os.getuid() or not entry.is_dir() or entry.is_symlink():
+                    continue
+                changed = max([info.st_mtime] + [f.lstat().st_mtime for f in entry.iterdir()])
+            except OSError:
+                continue
+            if now - changed < SWEEP_AFTER:
+                continue
+            _remove(entry / "fence")
+            if not entry.exists():
+                removed.append(entry)
+    return removed
+
+
+def _owner(name: str) -> int | None:
+    """The agent pid in a state directory's name (``dm-node-<id>-pid<pid>-<random>``), if any."""
+    if not name.startswith(TMPFS_PREFIX):
+        return None
+    parts = name[len(TMPFS_PREFIX) :].rsplit("-", 2)
+    pid = parts[1][3:] if len(parts) == 3 and parts[1].startswith("pid") else ""
+    return int(pid) if pid.isdigit() else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _tmp(path: Path) -> Path:

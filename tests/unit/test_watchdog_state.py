@@ -57,3 +57,65 @@ def test_the_watchdog_removes_its_tmpfs_state_when_its_agent_is_gone(tmp_path: P
     while path.parent.exists() and time.monotonic() < deadline:  # the watchdog sees its agent gone
         time.sleep(0.02)
     assert not path.parent.exists(), "the watchdog left its state directory on the tmpfs"
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_agent_start_sweeps_what_agents_killed_with_their_watchdogs_left(tmp_path: Path, monkeypatch) -> None:
+    # Given state directories on the tmpfs: of an agent killed with its watchdog (gone, nothing
+    # changed for longer than SWEEP_AFTER), of one gone a moment ago (its watchdog may still be
+    # at its final kill), of a live agent cut off for as long, and one of an older name (no pid)
+    shm = tmp_path / "shm"
+    shm.mkdir(mode=0o1777)
+    monkeypatch.setattr(watchdog, "TMPFS", shm)
+    home = tmp_path / "home"
+    long_ago = time.time() - watchdog.SWEEP_AFTER - 60
+    dead = _gone_pid()
+
+    def made(name: str, old: bool) -> Path:
+        d = shm / name
+        d.mkdir(mode=0o700)
+        watchdog.write_state(d / "fence", 1.0, [dead])
+        if old:
+            for p in (d / "fence", d):
+                os.utime(p, (long_ago, long_ago))
+        return d
+
+    stale = made(f"dm-node-3-pid{dead}-abc123de", old=True)
+    recent = made(f"dm-node-4-pid{dead}-fgh456ij", old=False)
+    live = made(f"dm-node-5-pid{os.getpid()}-klm789no", old=True)
+    legacy = made("dm-node-6-pqr012st", old=True)
+    other = shm / "PostgreSQL.1234"  # not dm's
+    other.write_text("")
+
+    # When an agent starts and makes its own
+    mine = watchdog.state_file(home, "7")
+
+    # Then only the directory of the agent gone long ago is removed; its own name holds its pid
+    assert not stale.exists()
+    assert recent.is_dir() and live.is_dir() and legacy.is_dir() and other.exists()
+    assert mine.parent.is_dir() and mine.parent.name.startswith(f"dm-node-7-pid{os.getpid()}-")
+    assert watchdog.sweep(shm) == []  # nothing more to sweep
+
+
+def test_the_sweep_reads_a_node_id_with_dashes_and_leaves_other_users_directories(tmp_path: Path) -> None:
+    dead = _gone_pid()
+    assert watchdog._owner(f"dm-node-h-12-pid{dead}-a_b9cd0e") == dead
+    assert watchdog._owner("dm-node-h-12-a_b9cd0e") is None  # an older name: no pid in it
+    assert watchdog._owner("dm-node-7-pidx-a_b9cd0e") is None
+    assert watchdog._owner("other-1-2-3") is None
+    if os.getuid() != 0:
+        pytest.skip("needs root to make a directory of another user")
+    d = tmp_path / f"dm-node-1-pid{dead}-zzzzzzzz"
+    d.mkdir()
+    os.chown(d, 65534, 65534)
+    old = time.time() - watchdog.SWEEP_AFTER - 60
+    os.utime(d, (old, old))
+    assert watchdog.sweep(tmp_path) == [] and d.is_dir()
