@@ -44,13 +44,19 @@ def events_of(system: System, dep_id: str) -> list[dict]:
     return system.ctl.registry.list_events(dep_id, limit=1000)
 
 
-def test_kill_9_of_a_node_moves_its_algorithm_to_another_node_and_its_process_is_gone(make_system, tmp_path):
-    # Given a long-running algorithm on one of two nodes
+def service_on_one_of_two_nodes(make_system, tmp_path: Path) -> tuple[System, Path, dict, dict]:
+    """A system of two nodes and the service running on one: (system, its ledger, the
+    deployment as deployed, as running)."""
     system = make_system(nodes=2)
     system.add_examples("service")
     ledger = tmp_path / "ledger"
     dep = system.deploy("service", args={"interval": 0.1, "ledger": str(ledger)})
-    first = system.wait_state(dep["id"], "running")
+    return system, ledger, dep, system.wait_state(dep["id"], "running")
+
+
+def test_kill_9_of_a_node_moves_its_algorithm_to_another_node_and_its_process_is_gone(make_system, tmp_path):
+    # Given a long-running algorithm on one of two nodes
+    system, ledger, dep, first = service_on_one_of_two_nodes(make_system, tmp_path)
 
     # When that node's agent is killed with SIGKILL
     os.kill(system.node_pid(first["node"]), signal.SIGKILL)
@@ -74,11 +80,7 @@ def test_kill_9_of_a_node_moves_its_algorithm_to_another_node_and_its_process_is
 
 def test_a_node_stopped_cleanly_hands_its_algorithm_to_another_node_without_running_it_twice(make_system, tmp_path):
     # Given a long-running algorithm on one of two nodes
-    system = make_system(nodes=2)
-    system.add_examples("service")
-    ledger = tmp_path / "ledger"
-    dep = system.deploy("service", args={"interval": 0.1, "ledger": str(ledger)})
-    first = system.wait_state(dep["id"], "running")
+    system, ledger, dep, first = service_on_one_of_two_nodes(make_system, tmp_path)
 
     # When that node is stopped as `dm down` and scale-in stop one (SIGTERM to its process group)
     stop_pid(system.node_pid(first["node"]), 30)
