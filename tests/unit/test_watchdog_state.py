@@ -59,6 +59,37 @@ def test_the_watchdog_removes_its_tmpfs_state_when_its_agent_is_gone(tmp_path: P
     assert not path.parent.exists(), "the watchdog left its state directory on the tmpfs"
 
 
+@pytest.mark.parametrize("after", [0.0, 0.0005, 0.002, 0.01, 0.05])
+def test_an_agent_that_dies_at_any_point_of_its_watchdogs_start_takes_the_listed_processes(
+    tmp_path: Path, after: float
+) -> None:
+    # Given processes of their own sessions (as a setsid double-fork makes) listed in the state
+    import subprocess
+
+    path = tmp_path / "fence"
+    for _ in range(4):
+        victim = subprocess.Popen(["sleep", "600"], start_new_session=True)
+        try:
+            watchdog.write_state(path, time.time() + 600, [victim.pid])  # not stale: only the agent's death kills
+            # When the agent dies `after` seconds into its watchdog's start (its setup of the
+            # death signal, the loop, or the loop's end)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    watchdog.start(path)
+                    time.sleep(after)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            # Then the watchdog kills them before it exits
+            victim.wait(timeout=10)
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait()
+        assert victim.returncode == -9
+
+
 def _gone_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
     import subprocess
