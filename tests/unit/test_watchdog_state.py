@@ -150,3 +150,23 @@ def test_the_sweep_reads_a_node_id_with_dashes_and_leaves_other_users_directorie
     old = time.time() - watchdog.SWEEP_AFTER - 60
     os.utime(d, (old, old))
     assert watchdog.sweep(tmp_path) == [] and d.is_dir()
+
+
+def test_an_exited_process_not_yet_reaped_is_not_alive_for_the_sweeps() -> None:
+    # an agent killed with kill -9 is a zombie until its launcher reaps it: what it left is
+    # swept meanwhile (the tmpfs state here, its cgroup scopes in workers/containment)
+    from workers.containment.base import alive
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    try:
+        assert not alive(pid)
+        assert alive(os.getpid()) and alive(1)
+    finally:
+        os.waitpid(pid, 0)
+    assert not alive(pid)

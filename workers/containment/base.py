@@ -201,10 +201,19 @@ def proc_rss(pids: list[int]) -> int:
 
 
 def alive(pid: int) -> bool:
+    """True while ``pid`` runs. A zombie (exited, not yet reaped by its parent) does not: an
+    agent killed with ``kill -9`` stays one until its launcher reaps it, and what it left is
+    swept meanwhile."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # another user's
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc to tell: it answered the signal
         return True
-    return True
