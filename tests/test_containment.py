@@ -4,6 +4,7 @@ unit tests of the cgroup v2 implementation against a fake cgroup tree."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -357,6 +358,47 @@ def test_a_setsid_double_fork_dies_when_its_agent_is_killed(make_system, tmp_pat
     finally:
         if alive(orphan):
             os.kill(orphan, signal.SIGKILL)  # stopped by its pid either way
+
+
+@ROOT_ONLY
+def test_a_new_agent_sweeps_the_cgroup_scope_of_one_killed_outright_before_it_is_reaped() -> None:
+    # Given the cgroup scope of an agent killed with kill -9 and not yet reaped by its launcher
+    # (a zombie), with a process its watchdog did not get to left in a group
+    import subprocess
+
+    from workers.containment import CgroupV1, Limits, Unavailable
+
+    zombie = os.fork()
+    if zombie == 0:
+        os._exit(0)
+    stat = Path(f"/proc/{zombie}/stat")
+    wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", 10, what="the agent to be a zombie")
+    leftover = subprocess.Popen(["sleep", "600"])
+    mine = dead = None
+    try:
+        try:
+            dead = CgroupV1.probe(f"node-sweep-{zombie}")
+        except Unavailable as exc:
+            pytest.skip(f"no writable cgroup v1 here: {exc}")
+        group = dead.create("dep.1.0", Limits(64, 0.1, False, 64))
+        for procs in group.join_files():
+            Path(procs).write_text(str(leftover.pid))
+        # When another agent starts on the host
+        mine = CgroupV1.probe(f"node-sweep-{os.getpid()}")
+        swept = mine.cleanup_stale()
+        # Then the scope's process is killed and the scope removed
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert swept >= 1 and not any(d.exists() for d in dead.dirs.values())
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()
+        os.waitpid(zombie, 0)
+        for scope in (mine, dead):
+            if scope is not None:
+                with contextlib.suppress(Exception):
+                    scope.cleanup_stale()  # the dead one's, when this failed
+                scope.close()
 
 
 @ROOT_ONLY
