@@ -23,6 +23,7 @@ import ctypes
 import json
 import os
 import signal
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -89,8 +90,8 @@ def sweep(root: Path, now: float | None = None) -> list[Path]:
     """Remove the state directories under ``root`` of agents that are gone and whose watchdogs
     did not remove them (both killed at once: a SIGKILL of the agent's process group); returns
     those removed. One is gone when it is this user's, its name holds its agent's pid (older
-    names hold none and are kept), no process runs with that pid (a zombie does not), and nothing in it changed for
-    :data:`SWEEP_AFTER` seconds."""
+    names hold none and are kept), no process runs with that pid (a zombie does not), and
+    nothing in it changed for :data:`SWEEP_AFTER` seconds."""
     now = time.time() if now is None else now
     removed = []
     with contextlib.suppress(OSError):
@@ -100,7 +101,7 @@ def sweep(root: Path, now: float | None = None) -> list[Path]:
                 continue
             try:
                 info = entry.lstat()
-                if info.st_uid != os.getuid() or not entry.is_dir() or entry.is_symlink():
+                if info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):  # lstat: a link is not one
                     continue
                 changed = max([info.st_mtime] + [f.lstat().st_mtime for f in entry.iterdir()])
             except OSError:
